@@ -1,0 +1,1 @@
+"""segment-topsort: declarative rules that turn Segment events into Topsort ad events."""
