@@ -1,0 +1,60 @@
+"""What became of one input event: emitted Topsort events, rejections, or neither (skipped)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Kind = Literal["impressions", "clicks", "purchases", "pageviews"]
+KINDS: tuple[Kind, ...] = ("impressions", "clicks", "purchases", "pageviews")
+"""The Topsort event kinds, named as the arrays of a ``POST /v2/events`` body."""
+
+
+@dataclass(frozen=True, slots=True)
+class Emitted:
+    """One Topsort event a rule made, valid against the Topsort schema for its kind."""
+
+    kind: Kind
+    rule: str
+    event: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rule": self.rule, "event": self.event}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why an output (or one item of a fan-out) was not emitted.
+
+    ``path`` is a JSON path into the Topsort event that failed (``$`` for the whole input),
+    ``item`` the fan-out index when only one item of a list was rejected.
+    """
+
+    rule: str | None
+    path: str
+    reason: str
+    item: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "path": self.path, "reason": self.reason, "item": self.item}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The one outcome of one input event. It is *skipped* when no rule wanted it."""
+
+    message_id: str | None
+    emitted: tuple[Emitted, ...] = ()
+    rejected: tuple[Rejection, ...] = ()
+
+    @property
+    def skipped(self) -> bool:
+        return not self.emitted and not self.rejected
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "messageId": self.message_id,
+            "emitted": [e.to_dict() for e in self.emitted],
+            "rejected": [r.to_dict() for r in self.rejected],
+            "skipped": self.skipped,
+        }

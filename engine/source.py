@@ -1,0 +1,46 @@
+"""Read Segment events from NDJSON files or stdin, one record per non-blank line, streaming."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+
+STDIN = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One input line: the decoded event, or why it could not be decoded."""
+
+    origin: str
+    line: int
+    raw: bytes
+    event: Any = None
+    error: str | None = None
+
+
+def read_records(sources: Iterable[str | Path]) -> Iterator[Record]:
+    """Yield a :class:`Record` per non-blank line of each source (a path, or ``-`` for stdin)."""
+    for source in sources:
+        name = str(source)
+        if name == STDIN:
+            yield from _read_stream(sys.stdin.buffer, name)
+        else:
+            with open(name, "rb") as stream:
+                yield from _read_stream(stream, name)
+
+
+def _read_stream(stream: BinaryIO, origin: str) -> Iterator[Record]:
+    for number, raw in enumerate(stream, start=1):
+        raw = raw.strip()
+        if not raw:
+            continue
+        try:
+            yield Record(origin, number, raw, event=orjson.loads(raw))
+        except orjson.JSONDecodeError as exc:
+            yield Record(origin, number, raw, error=f"{origin}:{number}: not valid JSON: {exc}")
