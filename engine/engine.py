@@ -1,0 +1,85 @@
+"""The engine: rule folders in, one pure function from a Segment event to its outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .loader import RuleSet, load_rules
+from .outcome import Emitted, Outcome, Rejection
+from .paths import BUNDLED_RULES
+from .routing import Router
+from .rules import Rule
+from .source import Record
+from .validation import json_path
+
+
+class Engine:
+    """Maps Segment events to Topsort events with a set of rules.
+
+    >>> engine = Engine.from_folders()          # the bundled default rules
+    >>> outcome = engine.process({"type": "track", "event": "Product Viewed", ...})
+
+    :meth:`process` does no I/O and keeps no state, so one engine serves many threads.
+    """
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.rules = rules
+        self._router = Router(rules.rules)
+
+    @classmethod
+    def from_folders(cls, *folders: str | Path) -> Engine:
+        """Load rule folders in order (later ones override rules by name); none means the bundled rules."""
+        return cls(load_rules(folders or (BUNDLED_RULES,)))
+
+    def process(self, event: Any) -> Outcome:
+        """The outcome of one decoded Segment event: emitted, rejected, or skipped."""
+        if not isinstance(event, dict):
+            reason = f"a Segment event is a JSON object, not {type(event).__name__}"
+            return Outcome(None, rejected=(Rejection(None, "$", reason),))
+        message_id = event.get("messageId")
+        emitted: list[Emitted] = []
+        rejected: list[Rejection] = []
+        for rule in self._router.route(event):
+            if rule.wants(event):
+                _apply(rule, event, emitted, rejected)
+        return Outcome(
+            message_id if isinstance(message_id, str) else None, tuple(emitted), tuple(rejected)
+        )
+
+    def process_record(self, record: Record) -> Outcome:
+        """The outcome of one input line: a decoding failure is a rejection like any other."""
+        if record.error is not None:
+            return Outcome(None, rejected=(Rejection(None, "$", record.error),))
+        return self.process(record.event)
+
+    def rule(self, name: str) -> Rule:
+        """The rule named ``name`` (enabled or not)."""
+        for rule in self.rules.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+
+def apply_rule(rule: Rule, event: dict[str, Any]) -> tuple[list[Emitted], list[Rejection]]:
+    """Map and validate ``event`` with one rule that is known to want it."""
+    emitted: list[Emitted] = []
+    rejected: list[Rejection] = []
+    _apply(rule, event, emitted, rejected)
+    return emitted, rejected
+
+
+def _apply(rule: Rule, event: dict[str, Any], emitted: list[Emitted], rejected: list[Rejection]) -> None:
+    for output in rule.outputs(event):
+        prefix = f"item {output.item} of {rule.spec['each']}: " if output.item is not None else ""
+        if output.error is not None:
+            path = "$" if output.error.path == "each" else json_path(output.error.path.split("."))
+            rejected.append(Rejection(rule.name, path, prefix + output.error.reason, output.item))
+            continue
+        valid, problems = rule.validator.check(output.event)
+        for path, reason, nested in problems:
+            item = output.item if output.item is not None else nested
+            rejected.append(Rejection(rule.name, path, prefix + reason, item))
+        if valid is not None:
+            emitted.append(Emitted(rule.kind, rule.name, valid))

@@ -1,0 +1,58 @@
+"""Compile a rule's JMESPath expression once; evaluate it many times."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+import jmespath
+from jmespath.exceptions import JMESPathError
+from jmespath.visitor import TreeInterpreter
+
+from .functions import FUNCTIONS
+
+Expression = Callable[[Any], Any]
+ExpressionSyntaxError = (jmespath.exceptions.ParseError, jmespath.exceptions.LexerError)
+__all__ = ["Expression", "ExpressionSyntaxError", "JMESPathError", "compile_expression"]
+
+_INTERPRETER = TreeInterpreter(jmespath.Options(custom_functions=FUNCTIONS))
+
+
+@lru_cache(maxsize=4096)
+def compile_expression(text: str) -> Expression:
+    """A callable evaluating ``text`` against a document (with the custom functions).
+
+    Raises ``jmespath.exceptions.ParseError`` (or ``LexerError``) for bad syntax; the
+    callable raises a ``JMESPathError`` for run-time errors such as a wrong argument type.
+    """
+    ast = jmespath.compile(text).parsed
+    visit = _INTERPRETER.visit
+    return lambda document: visit(ast, document)
+
+
+def function_problems(text: str) -> list[str]:
+    """Calls to unknown functions, or with the wrong number of arguments, in a valid expression.
+
+    JMESPath itself reports these only when the expression is evaluated; rules check them at load.
+    """
+    problems: list[str] = []
+    _check_calls(jmespath.compile(text).parsed, problems)
+    return problems
+
+
+def _check_calls(node: dict[str, Any], problems: list[str]) -> None:
+    if node.get("type") == "function_expression":
+        name, given = node["value"], len(node["children"])
+        entry = FUNCTIONS.FUNCTION_TABLE.get(name)
+        if entry is None:
+            problems.append(f"unknown function {name}()")
+        else:
+            signature = entry["signature"]
+            variadic = bool(signature) and signature[-1].get("variadic", False)
+            if given < len(signature) or (given > len(signature) and not variadic):
+                expected = f"at least {len(signature)}" if variadic else str(len(signature))
+                problems.append(f"{name}() takes {expected} argument(s), {given} given")
+    for child in node.get("children", []):
+        if isinstance(child, dict):
+            _check_calls(child, problems)

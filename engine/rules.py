@@ -1,0 +1,126 @@
+"""A compiled rule: which Segment events it wants, and the Topsort events it makes of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .fields import DEFAULT_ITEM, Evaluate, FieldCompiler, FieldError, Leaf, Report, compile_expression_at, truthy
+from .outcome import Kind
+from .topsort_schema import topsort_schema
+from .validation import OutputValidator
+from .yaml_source import Path_
+
+TRACK = "track"
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One output of a rule for one event, before validation; ``item`` is its fan-out index."""
+
+    item: int | None
+    event: dict[str, Any] | None = None
+    error: FieldError | None = None
+
+
+@dataclass(eq=False)
+class Rule:
+    """One rule of a rule file, compiled. Build it with :func:`compile_rule`."""
+
+    name: str
+    kind: Kind
+    file: str
+    line: int | None
+    enabled: bool
+    types: frozenset[str]
+    events: frozenset[str] | None
+    condition: Evaluate | None
+    each: Evaluate | None
+    item: str
+    build: Evaluate
+    leaves: list[Leaf]
+    validator: OutputValidator
+    spec: dict[str, Any]
+    tests: list[dict[str, Any]] = field(default_factory=list)
+
+    def mismatch(self, event: dict[str, Any]) -> str | None:
+        """Why this rule does not want ``event``, or None when it does."""
+        kind = event.get("type")
+        if kind not in self.types:
+            return f"type is {kind!r}, the rule wants {' or '.join(sorted(self.types))}"
+        if self.events is not None and kind == TRACK and event.get("event") not in self.events:
+            return f"event is {event.get('event')!r}, the rule wants {' or '.join(sorted(self.events))}"
+        if self.condition is not None and not self._condition_holds(event):
+            return f"'if' is false: {self.spec['when']['if']}"
+        return None
+
+    def _condition_holds(self, event: dict[str, Any]) -> bool:
+        try:
+            return truthy(self.condition(event)) if self.condition else True
+        except FieldError:
+            return False
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        """The predicate alone (type and event name are the router's job)."""
+        return self.condition is None or self._condition_holds(event)
+
+    def outputs(self, event: dict[str, Any]) -> Iterator[Output]:
+        """Map ``event`` (already known to match) to this rule's unvalidated outputs."""
+        if self.each is None:
+            yield self._output(event, None)
+            return
+        try:
+            elements = self.each(event)
+        except FieldError as exc:
+            yield Output(None, error=exc)
+            return
+        if not isinstance(elements, list) or not elements:
+            got = "nothing" if elements is None else "an empty list" if elements == [] else type(elements).__name__
+            yield Output(None, error=FieldError("each", f"{self.spec['each']!r} should be a non-empty list, got {got}"))
+            return
+        for index, element in enumerate(elements):
+            yield self._output({**event, self.item: element, "index": index}, index)
+
+    def _output(self, context: dict[str, Any], index: int | None) -> Output:
+        try:
+            return Output(index, event=self.build(context))
+        except FieldError as exc:
+            return Output(index, error=exc)
+
+
+def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None, report: Report) -> Rule:
+    """Compile one schema-valid rule entry; problems go to ``report(ypath, message, field=...)``."""
+    kind: Kind = spec["emit"]
+    when = spec["when"]
+    types = frozenset(_many(when["type"]))
+    events = frozenset(_many(when["event"])) if "event" in when else None
+    if events is not None and types != {TRACK}:
+        report((*ypath, "when", "event"), "'event' names track events, so 'type' must be track alone")
+    condition = (
+        compile_expression_at(when["if"], (*ypath, "when", "if"), "when.if", report) if "if" in when else None
+    )
+    each = compile_expression_at(spec["each"], (*ypath, "each"), "each", report) if "each" in spec else None
+    compiler = FieldCompiler(kind, report)
+    build, leaves = compiler.top(spec["fields"], (*ypath, "fields"), topsort_schema().node(kind))
+    return Rule(
+        name=spec["name"],
+        kind=kind,
+        file=file,
+        line=line,
+        enabled=spec.get("enabled", True),
+        types=types,
+        events=events,
+        condition=condition,
+        each=each,
+        item=spec.get("item", DEFAULT_ITEM),
+        build=build,
+        leaves=leaves,
+        validator=OutputValidator(kind, compiler.fanout_arrays),
+        spec=spec,
+        tests=spec.get("tests", []),
+    )
+
+
+def _many(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)

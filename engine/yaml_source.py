@@ -1,0 +1,88 @@
+"""Load a YAML file and remember where every value sits, for errors that name line and column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    line: int  # 1-based
+    column: int  # 1-based
+    quoted: bool = False  # a quoted scalar: its text starts one column later
+
+
+@dataclass(slots=True)
+class YamlDocument:
+    """A parsed YAML document with the position of every value and mapping key."""
+
+    file: str
+    data: Any
+    values: dict[Path_, Position] = field(default_factory=dict)
+    keys: dict[Path_, Position] = field(default_factory=dict)
+    duplicates: list[tuple[Path_, Position]] = field(default_factory=list)
+
+    def position(self, path: Path_, *, key: bool = False) -> Position | None:
+        """Where ``path`` is (its key when ``key``), else its nearest located ancestor."""
+        if key and path in self.keys:
+            return self.keys[path]
+        while path:
+            if path in self.values:
+                return self.values[path]
+            path = path[:-1]
+        return self.values.get(())
+
+
+class YamlSyntaxError(Exception):
+    """The file is not valid YAML; carries the position PyYAML reported."""
+
+    def __init__(self, message: str, position: Position | None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+def load_yaml(path: str | Path) -> YamlDocument:
+    """Parse one YAML document, keeping positions. Raises :class:`YamlSyntaxError`."""
+    text = Path(path).read_text(encoding="utf-8")
+    loader = yaml.SafeLoader(text)
+    doc = YamlDocument(str(path), None)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _walk(node, (), doc)  # before construction, which flattens merge keys (<<) in place
+            doc.data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = Position(mark.line + 1, mark.column + 1) if mark else None
+        raise YamlSyntaxError(f"{exc.context or ''} {exc.problem or ''}".strip(), where) from None
+    finally:
+        loader.dispose()
+    return doc
+
+
+def _at(node: yaml.Node) -> Position:
+    quoted = isinstance(node, yaml.ScalarNode) and node.style in ("'", '"')
+    return Position(node.start_mark.line + 1, node.start_mark.column + 1, quoted)
+
+
+def _walk(node: yaml.Node, path: Path_, doc: YamlDocument) -> None:
+    doc.values[path] = _at(node)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            child = (*path, key)
+            if key in seen:
+                doc.duplicates.append((child, _at(key_node)))
+            seen.add(key)
+            doc.keys[child] = _at(key_node)
+            _walk(value_node, child, doc)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*path, index), doc)
