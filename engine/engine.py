@@ -10,7 +10,7 @@ from .loader import RuleSet, load_rules
 from .outcome import Emitted, Outcome, Rejection
 from .paths import BUNDLED_RULES
 from .routing import Router
-from .rules import Rule
+from .rules import Output, Rule
 from .source import Record
 from .validation import json_path
 
@@ -70,16 +70,23 @@ def apply_rule(rule: Rule, event: dict[str, Any]) -> tuple[list[Emitted], list[R
     return emitted, rejected
 
 
+def judge(rule: Rule, output: Output) -> tuple[Emitted | None, list[Rejection]]:
+    """Validate one output of ``rule``: what it emits (if anything) and what it rejects."""
+    prefix = f"item {output.item} of {rule.spec['each']}: " if output.item is not None else ""
+    if output.error is not None:
+        path = "$" if output.error.path == "each" else json_path(output.error.path.split("."))
+        return None, [Rejection(rule.name, path, prefix + output.error.reason, output.item)]
+    valid, problems = rule.validator.check(output.event)
+    rejected = [
+        Rejection(rule.name, path, prefix + reason, output.item if output.item is not None else nested)
+        for path, reason, nested in problems
+    ]
+    return (Emitted(rule.kind, rule.name, valid) if valid is not None else None), rejected
+
+
 def _apply(rule: Rule, event: dict[str, Any], emitted: list[Emitted], rejected: list[Rejection]) -> None:
     for output in rule.outputs(event):
-        prefix = f"item {output.item} of {rule.spec['each']}: " if output.item is not None else ""
-        if output.error is not None:
-            path = "$" if output.error.path == "each" else json_path(output.error.path.split("."))
-            rejected.append(Rejection(rule.name, path, prefix + output.error.reason, output.item))
-            continue
-        valid, problems = rule.validator.check(output.event)
-        for path, reason, nested in problems:
-            item = output.item if output.item is not None else nested
-            rejected.append(Rejection(rule.name, path, prefix + reason, item))
-        if valid is not None:
-            emitted.append(Emitted(rule.kind, rule.name, valid))
+        made, refused = judge(rule, output)
+        if made is not None:
+            emitted.append(made)
+        rejected.extend(refused)

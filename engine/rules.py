@@ -65,28 +65,32 @@ class Rule:
         """The predicate alone (type and event name are the router's job)."""
         return self.condition is None or self._condition_holds(event)
 
+    def contexts(self, event: dict[str, Any]) -> list[tuple[int | None, dict[str, Any]]]:
+        """What the fields are evaluated against: the event, or with ``each`` one context per
+        element (the event plus the element under the rule's ``item`` name and its ``index``).
+
+        Raises :class:`FieldError` when ``each`` does not give a non-empty list.
+        """
+        if self.each is None:
+            return [(None, event)]
+        elements = self.each(event)
+        if not isinstance(elements, list) or not elements:
+            got = "nothing" if elements is None else "an empty list" if elements == [] else type(elements).__name__
+            raise FieldError("each", f"{self.spec['each']!r} should be a non-empty list, got {got}")
+        return [(index, {**event, self.item: element, "index": index}) for index, element in enumerate(elements)]
+
     def outputs(self, event: dict[str, Any]) -> Iterator[Output]:
         """Map ``event`` (already known to match) to this rule's unvalidated outputs."""
-        if self.each is None:
-            yield self._output(event, None)
-            return
         try:
-            elements = self.each(event)
+            contexts = self.contexts(event)
         except FieldError as exc:
             yield Output(None, error=exc)
             return
-        if not isinstance(elements, list) or not elements:
-            got = "nothing" if elements is None else "an empty list" if elements == [] else type(elements).__name__
-            yield Output(None, error=FieldError("each", f"{self.spec['each']!r} should be a non-empty list, got {got}"))
-            return
-        for index, element in enumerate(elements):
-            yield self._output({**event, self.item: element, "index": index}, index)
-
-    def _output(self, context: dict[str, Any], index: int | None) -> Output:
-        try:
-            return Output(index, event=self.build(context))
-        except FieldError as exc:
-            return Output(index, error=exc)
+        for index, context in contexts:
+            try:
+                yield Output(index, event=self.build(context))
+            except FieldError as exc:
+                yield Output(index, error=exc)
 
 
 def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None, report: Report) -> Rule:

@@ -1,0 +1,226 @@
+"""The ``segment-topsort`` command line: check, test, map and explain (run, replay, sandbox beside them)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import click
+import orjson
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .batching import Batcher
+from .dead_letters import DeadLetterFile, dead_letter
+from .engine import Engine
+from .errors import Problem, RulesInvalid
+from .explain import RuleExplanation, explain
+from .loader import check_rules
+from .paths import BUNDLED_RULES
+from .rule_tests import run_rule_tests
+from .source import Record, read_records
+from .summary import Tally
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+rules_option = click.option(
+    "--rules", "rule_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
+    help="A rules folder (repeatable; later folders override rules of the same name). Default: the bundled rules.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="segment-topsort")
+def main() -> None:
+    """Turn Segment events into Topsort ad events with YAML + JMESPath rules."""
+
+
+@main.command()
+@click.argument("rule_dirs", nargs=-1, type=click.Path(path_type=Path))
+def check(rule_dirs: tuple[Path, ...]) -> None:
+    """Check rule folders (default: the bundled rules) before any event flows.
+
+    Reports YAML, rule-schema, JMESPath and Topsort-schema errors as file:line:column,
+    and warns of rules that would count one user action twice. Exits 1 on errors.
+    """
+    rules, problems = check_rules(rule_dirs or (BUNDLED_RULES,))
+    _print_problems(problems)
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    enabled = sum(rule.enabled for rule in rules)
+    stderr.print(f"{len(rules)} rules ({enabled} enabled), {errors} error(s), {warnings} warning(s)")
+    sys.exit(1 if errors else 0)
+
+
+@main.command("test")
+@click.argument("rule_dirs", nargs=-1, type=click.Path(path_type=Path))
+def test_command(rule_dirs: tuple[Path, ...]) -> None:
+    """Run the tests written inside the rule files; show a diff for each failure."""
+    engine = _engine(rule_dirs)
+    results = run_rule_tests(engine.rules.rules)
+    for result in results:
+        mark = "[green]pass[/]" if result.passed else "[red]FAIL[/]"
+        rule = result.rule
+        stderr.print(f"{mark} {escape(rule.name)}: {escape(result.name)}  [dim]{rule.file}:{rule.line}[/]")
+        if result.failure:
+            stderr.print(escape(_indent(result.failure, 6)))
+    failed = sum(not r.passed for r in results)
+    stderr.print(f"{len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+@main.command("map")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@rules_option
+@click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append each rejected input event, with rule, path and reason, to this NDJSON file.")
+@click.option("--format", "output_format", type=click.Choice(["requests", "outcomes"]), default="requests",
+              show_default=True,
+              help="requests: Topsort request bodies (at most 50 per array); outcomes: one line per input event.")
+def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str) -> None:
+    """Map NDJSON Segment events (files, or - for stdin) to Topsort events, without sending anything."""
+    engine = _engine(rule_dirs)
+    tally = Tally()
+    out = sys.stdout.buffer
+    requests = 0
+    batcher: Batcher[dict[str, Any]] = Batcher()
+    with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance:
+        for record in read_records(files or ("-",)):
+            outcome = engine.process_record(record)
+            tally.add(outcome)
+            advance()
+            if dead is not None and outcome.rejected:
+                dead.write(_dead_letter(record, outcome))
+            if output_format == "outcomes":
+                line = {"origin": record.origin, "line": record.line, **outcome.to_dict()}
+                _write(out, line)
+                continue
+            for emitted in outcome.emitted:
+                body = batcher.add(emitted.kind, emitted.event)
+                if body:
+                    requests += _write(out, body)
+        if (body := batcher.flush()) is not None:
+            requests += _write(out, body)
+    extra = {"requests written": requests} if output_format == "requests" else {}
+    if rejects:
+        extra["rejected events kept"] = dead.written if dead else 0
+    stderr.print(tally.table("map", extra))
+
+
+@main.command("explain")
+@click.argument("event_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@rules_option
+def explain_command(event_file: str, rule_dirs: tuple[Path, ...]) -> None:
+    """Show, for one Segment event (a JSON file), every rule considered and what it made of it."""
+    data = sys.stdin.buffer.read() if event_file == "-" else Path(event_file).read_bytes()
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise click.ClickException(f"{event_file} is not a JSON document: {exc}") from None
+    engine = _engine(rule_dirs)
+    console = Console(highlight=False, soft_wrap=True)
+    if not isinstance(event, dict):
+        console.print(f"Not a Segment event: a JSON object is expected, this is {type(event).__name__}.")
+        sys.exit(1)
+    console.print(f"[bold]Event[/] messageId={event.get('messageId')!r} type={event.get('type')!r}"
+                  + (f" event={event.get('event')!r}" if event.get("type") == "track" else ""))
+    for explanation in explain(engine, event):
+        _print_explanation(console, explanation)
+    outcome = engine.process(event)
+    verdict = "skipped (no rule wants it)" if outcome.skipped else (
+        f"{len(outcome.emitted)} emitted, {len(outcome.rejected)} rejected")
+    console.print(f"[bold]Outcome:[/] {verdict}")
+
+
+def _print_explanation(console: Console, found: RuleExplanation) -> None:
+    rule = found.rule
+    head = f"{escape(rule.name)} [dim]({rule.file}:{rule.line}) -> {rule.kind}[/]"
+    if not found.matched:
+        console.print(f"[dim]-[/] {head}: [dim]{escape(found.why)}[/]")
+        return
+    console.print(f"[green]+[/] {head}: matched")
+    for rejection in found.rejected:
+        console.print(f"    [red]rejected[/] {rejection.path}: {escape(rejection.reason)}")
+    for output in found.outputs:
+        if output.item is not None:
+            console.print(f"    [bold]item {output.item}[/]")
+        table = Table(show_header=True, box=None, padding=(0, 2, 0, 4))
+        table.add_column("field")
+        table.add_column("rule says")
+        table.add_column("value")
+        for value in output.fields:
+            shown = f"[red]error: {escape(value.error)}[/]" if value.error else escape(_json(value.value))
+            table.add_row(value.field, escape(_json(value.spec)), shown)
+        console.print(table)
+        if output.emitted is not None:
+            console.print(f"    [green]valid[/]: emits {_json(output.emitted.event)}")
+        for rejection in output.rejected:
+            console.print(f"    [red]rejected[/] {rejection.path}: {escape(rejection.reason)}")
+
+
+def _engine(rule_dirs: Sequence[Path]) -> Engine:
+    try:
+        engine = Engine.from_folders(*rule_dirs)
+    except RulesInvalid as exc:
+        _print_problems(exc.problems)
+        stderr.print("[red]The rules have errors; nothing was processed.[/] Run `segment-topsort check` for details.")
+        sys.exit(2)
+    _print_problems(list(engine.rules.warnings))
+    return engine
+
+
+def _print_problems(problems: Sequence[Problem]) -> None:
+    for problem in problems:
+        colour = "red" if problem.severity == "error" else "yellow"
+        stderr.print(f"[{colour}]{escape(str(problem))}[/]")
+
+
+def _dead_letter(record: Record, outcome: Any) -> dict[str, Any]:
+    return dead_letter(
+        stage="decode" if record.error else "map",
+        rejected=[r.to_dict() for r in outcome.rejected],
+        event=record.event, raw=record.raw if record.error else None,
+        origin=record.origin, line=record.line,
+    )
+
+
+def _write(out: BinaryIO, value: Any) -> int:
+    try:
+        out.write(orjson.dumps(value) + b"\n")
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): stop quietly
+        sys.exit(0)
+    return 1
+
+
+@contextmanager
+def _progress(label: str, every: int = 1024) -> Iterator[Any]:
+    """A live count of events on a terminal (stderr); nothing otherwise."""
+    if not stderr.is_terminal:
+        yield lambda: None
+        return
+    columns = (SpinnerColumn(), TextColumn(f"{label} {{task.completed:,}} events"), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task(label, total=None)
+        count = 0
+
+        def advance() -> None:
+            nonlocal count
+            count += 1
+            if count % every == 0:
+                progress.update(task, completed=count)
+
+        yield advance
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode() if value is not None else "null"
+
+
+def _indent(text: str, spaces: int) -> str:
+    return "\n".join(" " * spaces + line for line in text.splitlines())
