@@ -1,1 +1,34 @@
-"""segment-topsort: declarative rules that turn Segment events into Topsort ad events."""
+"""segment-topsort: declarative rules that turn Segment events into Topsort ad events.
+
+>>> from engine import Engine
+>>> engine = Engine.from_folders()               # bundled rules; pass folders to use your own
+>>> outcome = engine.process(segment_event)      # pure and thread-safe
+>>> outcome.emitted, outcome.rejected, outcome.skipped
+"""
+
+from .batching import MAX_PER_ARRAY, Batcher
+from .engine import Engine
+from .errors import EngineError, Problem, RulesInvalid
+from .loader import RuleSet, check_rules, load_rules
+from .outcome import KINDS, Emitted, Kind, Outcome, Rejection
+from .paths import BUNDLED_RULES
+from .rules import Rule
+
+__all__ = [
+    "BUNDLED_RULES",
+    "Batcher",
+    "Emitted",
+    "Engine",
+    "EngineError",
+    "KINDS",
+    "Kind",
+    "MAX_PER_ARRAY",
+    "Outcome",
+    "Problem",
+    "Rejection",
+    "Rule",
+    "RuleSet",
+    "RulesInvalid",
+    "check_rules",
+    "load_rules",
+]
