@@ -13,16 +13,17 @@ import orjson
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .batching import Batcher
 from .dead_letters import DeadLetterFile, dead_letter
+from .delivery_cli import replay_command, run_command
 from .engine import Engine
 from .errors import Problem, RulesInvalid
 from .explain import RuleExplanation, explain
 from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
+from .sandbox import sandbox_command
 from .source import Record, read_records
 from .summary import Tally
 
@@ -40,6 +41,11 @@ def main() -> None:
     """Turn Segment events into Topsort ad events with YAML + JMESPath rules."""
 
 
+main.add_command(run_command)
+main.add_command(replay_command)
+main.add_command(sandbox_command, "sandbox")
+
+
 @main.command()
 @click.argument("rule_dirs", nargs=-1, type=click.Path(path_type=Path))
 def check(rule_dirs: tuple[Path, ...]) -> None:
@@ -53,7 +59,8 @@ def check(rule_dirs: tuple[Path, ...]) -> None:
     errors = sum(p.severity == "error" for p in problems)
     warnings = len(problems) - errors
     enabled = sum(rule.enabled for rule in rules)
-    stderr.print(f"{len(rules)} rules ({enabled} enabled), {errors} error(s), {warnings} warning(s)")
+    stderr.print(f"{_count(len(rules), 'rule')} ({enabled} enabled), {_count(errors, 'error')}, "
+                 f"{_count(warnings, 'warning')}")
     sys.exit(1 if errors else 0)
 
 
@@ -139,7 +146,7 @@ def explain_command(event_file: str, rule_dirs: tuple[Path, ...]) -> None:
 
 def _print_explanation(console: Console, found: RuleExplanation) -> None:
     rule = found.rule
-    head = f"{escape(rule.name)} [dim]({rule.file}:{rule.line}) -> {rule.kind}[/]"
+    head = f"{escape(rule.name)} [dim]({_relative(rule.file)}:{rule.line}) -> {rule.kind}[/]"
     if not found.matched:
         console.print(f"[dim]-[/] {head}: [dim]{escape(found.why)}[/]")
         return
@@ -147,20 +154,27 @@ def _print_explanation(console: Console, found: RuleExplanation) -> None:
     for rejection in found.rejected:
         console.print(f"    [red]rejected[/] {rejection.path}: {escape(rejection.reason)}")
     for output in found.outputs:
+        indent = "    "
         if output.item is not None:
             console.print(f"    [bold]item {output.item}[/]")
-        table = Table(show_header=True, box=None, padding=(0, 2, 0, 4))
-        table.add_column("field")
-        table.add_column("rule says")
-        table.add_column("value")
+            indent += "  "
+        width = max(len(value.field) for value in output.fields)
         for value in output.fields:
             shown = f"[red]error: {escape(value.error)}[/]" if value.error else escape(_json(value.value))
-            table.add_row(value.field, escape(_json(value.spec)), shown)
-        console.print(table)
+            spec = value.spec if isinstance(value.spec, str) else _json(value.spec)
+            console.print(f"{indent}{value.field:<{width}}  {escape(spec)}  [dim]->[/] {shown}")
         if output.emitted is not None:
-            console.print(f"    [green]valid[/]: emits {_json(output.emitted.event)}")
+            console.print(f"{indent}[green]valid[/]: emits {escape(_json(output.emitted.event))}")
         for rejection in output.rejected:
-            console.print(f"    [red]rejected[/] {rejection.path}: {escape(rejection.reason)}")
+            console.print(f"{indent}[red]rejected[/] {rejection.path}: {escape(rejection.reason)}")
+
+
+def _relative(file: str) -> str:
+    path = Path(file)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return file
 
 
 def _engine(rule_dirs: Sequence[Path]) -> Engine:
@@ -220,6 +234,10 @@ def _progress(label: str, every: int = 1024) -> Iterator[Any]:
 
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode() if value is not None else "null"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _indent(text: str, spaces: int) -> str:

@@ -6,6 +6,7 @@ schema check that follows rejects it with a precise reason instead of it vanishi
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -29,7 +30,10 @@ def to_string(value: Any) -> Any:
 
 def to_number(value: Any) -> Any:
     if isinstance(value, str) and _NUMBER.fullmatch(s := value.strip()):
-        return int(s) if _INTEGER.fullmatch(s) else float(s)
+        if _INTEGER.fullmatch(s):
+            return int(s)
+        number = float(s)
+        return number if math.isfinite(number) else value
     return value
 
 

@@ -29,7 +29,8 @@ from jmespath.exceptions import JMESPathError
 from .coercion import COERCIONS
 from .conform import conformer
 from .expressions import ExpressionSyntaxError, compile_expression, function_problems
-from .topsort_schema import SchemaNode
+from .outcome import KINDS
+from .topsort_schema import SchemaNode, topsort_schema
 from .yaml_source import Path_
 
 Evaluate = Callable[[Any], Any]
@@ -132,6 +133,9 @@ class FieldCompiler:
     def _unknown(self, key: str, opath: tuple[str, ...], node: SchemaNode) -> str:
         where = f"Topsort {self.kind}" + (f" {_dotted(opath)}" if opath else "")
         message = f"{where} has no field {key!r}"
+        elsewhere = [kind for kind in KINDS if not opath and key in topsort_schema().node(kind).properties]
+        if elsewhere:
+            return f"{message}: it is a field of Topsort {' and '.join(elsewhere)} only"
         close = difflib.get_close_matches(key, list(node.properties), n=1)
         if not close:
             close = [name for name in node.properties if name.lower() == key.lower()]

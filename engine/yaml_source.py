@@ -60,7 +60,10 @@ def load_yaml(path: str | Path) -> YamlDocument:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Position(mark.line + 1, mark.column + 1) if mark else None
-        raise YamlSyntaxError(f"{exc.context or ''} {exc.problem or ''}".strip(), where) from None
+        context = exc.context or ""
+        if exc.context_mark is not None and exc.problem_mark is not None:
+            context += f" (started at {exc.context_mark.line + 1}:{exc.context_mark.column + 1})"
+        raise YamlSyntaxError(f"{context}: {exc.problem}" if context else str(exc.problem), where) from None
     finally:
         loader.dispose()
     return doc
