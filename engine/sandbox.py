@@ -517,12 +517,14 @@ def _server(app: Starlette, **config: Any) -> uvicorn.Server:
     help="Refuse requests holding a resolvedBidId with this prefix, as Topsort refuses unknown bids; '' disables.",
 )
 @click.option("--rate-limit", type=click.FloatRange(0, 1), default=0.0, help="Share of requests answered 429.")
-@click.option("--retry-after", type=click.IntRange(min=0), default=1, show_default=True, help="Retry-After on 429.")
+@click.option("--retry-after", type=click.IntRange(min=0), default=1, show_default=True, help="Retry-After seconds on 429.")
 @click.option("--server-error", type=click.FloatRange(0, 1), default=0.0, help="Share of requests answered 500.")
 @click.option("--drop", type=click.FloatRange(0, 1), default=0.0, help="Share of connections closed without an answer.")
 @click.option("--latency", type=click.FloatRange(min=0), default=0.0, help="Seconds added before every answer.")
 @click.option("--slow", type=click.FloatRange(0, 1), default=0.0, help="Share of requests delayed by --slow-seconds.")
-@click.option("--slow-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True)
+@click.option(
+    "--slow-seconds", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Delay of the slow share."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fault draws.")
 def sandbox_command(
     host: str,
