@@ -72,16 +72,20 @@ def apply_rule(rule: Rule, event: dict[str, Any]) -> tuple[list[Emitted], list[R
 
 def judge(rule: Rule, output: Output) -> tuple[Emitted | None, list[Rejection]]:
     """Validate one output of ``rule``: what it emits (if anything) and what it rejects."""
-    prefix = f"item {output.item} of {rule.spec['each']}: " if output.item is not None else ""
     if output.error is not None:
         path = "$" if output.error.path == "each" else json_path(output.error.path.split("."))
-        return None, [Rejection(rule.name, path, prefix + output.error.reason, output.item)]
+        return None, [Rejection(rule.name, path, _item_prefix(rule, output) + output.error.reason, output.item)]
     valid, problems = rule.validator.check(output.event)
     rejected = [
-        Rejection(rule.name, path, prefix + reason, output.item if output.item is not None else nested)
+        Rejection(rule.name, path, _item_prefix(rule, output) + reason,
+                  output.item if output.item is not None else nested)
         for path, reason, nested in problems
     ]
     return (Emitted(rule.kind, rule.name, valid) if valid is not None else None), rejected
+
+
+def _item_prefix(rule: Rule, output: Output) -> str:
+    return f"item {output.item} of {rule.spec['each']}: " if output.item is not None else ""
 
 
 def _apply(rule: Rule, event: dict[str, Any], emitted: list[Emitted], rejected: list[Rejection]) -> None:
