@@ -19,6 +19,9 @@ from typing import Any, BinaryIO, Literal
 
 import orjson
 
+from .outcome import Outcome
+from .source import Record
+
 Stage = Literal["decode", "map", "deliver"]
 
 
@@ -45,6 +48,18 @@ def dead_letter(
     else:
         record["event"] = event
     return record
+
+
+def rejected_input(record: Record, outcome: Outcome) -> dict[str, Any]:
+    """The dead-letter record of an input line whose outcome holds rejections (decode or map)."""
+    return dead_letter(
+        stage="decode" if record.error else "map",
+        rejected=[r.to_dict() for r in outcome.rejected],
+        event=record.event,
+        raw=record.raw if record.error else None,
+        origin=record.origin,
+        line=record.line,
+    )
 
 
 class DeadLetterFile:

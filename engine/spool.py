@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS checkpoints (
     source TEXT PRIMARY KEY,
     offset INTEGER NOT NULL,
-    line INTEGER NOT NULL
+    line INTEGER NOT NULL,
+    head BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS exports (
     path TEXT PRIMARY KEY,
@@ -68,10 +69,15 @@ class SpoolError(EngineError):
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """How far a source was read: byte offset just past the last line taken, and its number."""
+    """How far a source was read: byte offset just past the last line taken, and its number.
+
+    ``head`` is the source's first bytes (up to a few hundred), to tell the same file, perhaps
+    grown since, from another one put in its place.
+    """
 
     offset: int
     line: int
+    head: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,9 +109,9 @@ class Chunk:
         """Keep a dead-letter record (see :func:`engine.dead_letters.dead_letter`)."""
         self.dead_letters.append(record)
 
-    def checkpoint(self, source: str, offset: int, line: int) -> None:
-        """Record that ``source`` has been read up to ``offset`` (just past line ``line``)."""
-        self.checkpoints[source] = Checkpoint(offset, line)
+    def checkpoint(self, source: str, checkpoint: Checkpoint) -> None:
+        """Record how far ``source`` has been read."""
+        self.checkpoints[source] = checkpoint
 
 
 class Spool:
@@ -146,7 +152,7 @@ class Spool:
     def checkpoint(self, source: str) -> Checkpoint | None:
         """Where reading ``source`` stopped last time, if it was read before."""
         row = self._db.execute(
-            "SELECT offset, line FROM checkpoints WHERE source = ?", (source,)
+            "SELECT offset, line, head FROM checkpoints WHERE source = ?", (source,)
         ).fetchone()
         return Checkpoint(*row) if row else None
 
@@ -172,8 +178,8 @@ class Spool:
                 [(orjson.dumps(r),) for r in chunk.dead_letters],
             )
             self._db.executemany(
-                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
-                [(source, c.offset, c.line) for source, c in chunk.checkpoints.items()],
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
+                [(source, c.offset, c.line, c.head) for source, c in chunk.checkpoints.items()],
             )
         self._next_input = input_id
         self.unsent += len(pending)

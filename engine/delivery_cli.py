@@ -1,0 +1,367 @@
+"""``segment-topsort run`` and ``replay``: map Segment events and deliver them to Topsort, durably.
+
+Input is read on a thread of its own, mapped by the engine and committed to the spool chunk by
+chunk, each chunk with the position reached in its file, so a run stopped at any point (even by
+``kill -9``) and started again with the same files resumes where it stopped. Standard input is
+never skipped: it cannot be told apart from other data.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from .dead_letters import rejected_input
+from .dispatch import DeliveryError, Dispatcher
+from .engine import Engine
+from .errors import EngineError
+from .retry import RetryPolicy
+from .source import STDIN, Record
+from .spool import Checkpoint, Chunk, Spool
+from .summary import Tally
+
+_CHUNK_RECORDS = 500
+"""Input events committed to the spool together (with their checkpoint)."""
+_CHUNK_SECONDS = 0.05
+"""Longest time an input event waits before its chunk is committed."""
+_HEAD = 256
+"""Bytes at the start of a file kept in its checkpoint, to recognise it on the next run."""
+
+_NO_TARGET = (
+    "run delivers to Topsort, so it needs an endpoint (--endpoint or TOPSORT_ENDPOINT) and an API"
+    " key (TOPSORT_API_KEY or --api-key-file); to see what would be sent without sending anything"
+    " use `segment-topsort map`, or deliver to a local stand-in started with `segment-topsort sandbox`."
+)
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where and how to deliver."""
+
+    endpoint: str
+    api_key: str
+    spool: Path
+    dead_letters: Path
+    max_in_flight: int
+    max_latency: float
+    max_retry_time: float
+    timeout: float
+
+
+@dataclass(slots=True)
+class _Input:
+    """One input to read: records with the checkpoint after each, and whether more is at hand."""
+
+    origin: str
+    key: str | None
+    records: Iterator[tuple[Record, Checkpoint | None]]
+    at_hand: Callable[[], bool]
+    todo: int | None
+    """Bytes left to read, when known."""
+
+
+def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--rules", "rule_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
+                     help="A rules folder (repeatable; later folders override rules of the same name)."
+                          " Default: the bundled rules."),
+        click.option("--endpoint", envvar="TOPSORT_ENDPOINT", metavar="URL",
+                     help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT)."),
+        click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="File holding the Topsort API key (default: the TOPSORT_API_KEY environment variable)."),
+        click.option("--spool", "spool_path", type=click.Path(dir_okay=False, path_type=Path),
+                     default=Path("segment-topsort.spool"), show_default=True,
+                     help="SQLite file holding events between mapping and delivery, and how far each file was read."),
+        click.option("--max-in-flight", type=click.IntRange(1, 64), default=8, show_default=True,
+                     help="Requests sent at once."),
+        click.option("--max-latency", type=click.FloatRange(min=0), default=1.0, show_default=True,
+                     help="Seconds an event may wait for its batch to fill."),
+        click.option("--max-retry-time", type=click.FloatRange(min=0), default=120.0, show_default=True,
+                     help="Seconds a request is retried before its events are dead-lettered."),
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+                     help="Seconds to wait for one answer."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.command("run")
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@_delivery_options
+@click.option("--dead-letters", "dead_letters", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("dead-letters.ndjson"), show_default=True,
+              help="NDJSON file that receives every input event that could not be delivered, with why.")
+def run_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], dead_letters: Path, **settings: Any) -> None:
+    """Map NDJSON Segment events (files, or - for stdin) and deliver them to Topsort.
+
+    Events wait in the spool until Topsort accepts them or they are dead-lettered; run again
+    with the same files after a crash or a stop, and it resumes where it stopped.
+    """
+    target = _target(dead_letters=dead_letters, **settings)
+    engine = _engine(rule_dirs)
+    _deliver("run", engine, target, lambda spool: [_open_input(name, spool) for name in files or (STDIN,)])
+
+
+@click.command("replay")
+@click.argument("dead_letter_file", metavar="DEAD_LETTERS",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_delivery_options
+@click.option("--dead-letters", "dead_letters", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where events that fail again go. Default: DEAD_LETTERS with .replay before its suffix.")
+def replay_command(
+    dead_letter_file: Path, rule_dirs: tuple[Path, ...], dead_letters: Path | None, **settings: Any
+) -> None:
+    """Send dead-lettered events through the rules again and deliver them (after fixing rules or data).
+
+    An unchanged DEAD_LETTERS file replayed again resumes where the last replay stopped; an
+    edited one is replayed from the start.
+    """
+    dead_letters = dead_letters or dead_letter_file.with_name(
+        f"{dead_letter_file.stem}.replay{dead_letter_file.suffix or '.ndjson'}"
+    )
+    if dead_letters.resolve() == dead_letter_file.resolve():
+        raise click.UsageError("--dead-letters must not be the file being replayed")
+    target = _target(dead_letters=dead_letters, **settings)
+    engine = _engine(rule_dirs)
+    _deliver("replay", engine, target, lambda spool: [_open_replay(dead_letter_file, spool)])
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def _deliver(title: str, engine: Engine, target: _Target, inputs: Callable[[Spool], list[_Input]]) -> None:
+    try:
+        spool = Spool(target.spool)
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    with spool:
+        left_before = spool.unsent
+        exported = spool.export_dead_letters(target.dead_letters)
+        ingest = _Ingest(engine)
+        dispatcher = Dispatcher(
+            spool,
+            endpoint=target.endpoint,
+            api_key=target.api_key,
+            max_in_flight=target.max_in_flight,
+            max_latency=target.max_latency,
+            timeout=target.timeout,
+            policy=RetryPolicy(max_elapsed=target.max_retry_time),
+        )
+        failure: DeliveryError | None = None
+        with _progress(ingest, dispatcher) as show:
+
+            def tick() -> None:
+                nonlocal exported
+                exported += spool.export_dead_letters(target.dead_letters)
+                show()
+
+            try:
+                dispatcher.run(ingest.chunks(inputs(spool)), tick)
+            except DeliveryError as exc:
+                failure = exc
+            finally:
+                exported += spool.export_dead_letters(target.dead_letters)
+                stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported, target))
+    if failure:
+        raise click.ClickException(str(failure))
+
+
+class _Ingest:
+    """Reads inputs, maps each event and packs the results in chunks for the spool.
+
+    Runs on the dispatcher's reader thread; the counters are read by the main thread for progress.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tally = Tally()
+        self.read = 0
+        self.bytes = 0
+        self.todo: int | None = 0
+        """Bytes to read, when known (not for standard input)."""
+
+    def chunks(self, inputs: Iterable[_Input]) -> Iterator[Chunk]:
+        inputs = list(inputs)
+        sizes = [source.todo for source in inputs]
+        self.todo = None if None in sizes else sum(size or 0 for size in sizes)
+        for source in inputs:
+            chunk, count, started = Chunk(), 0, time.monotonic()
+            for record, checkpoint in source.records:
+                self._map(chunk, record)
+                if source.key and checkpoint:
+                    chunk.checkpoint(source.key, checkpoint)
+                count += 1
+                if count >= _CHUNK_RECORDS or time.monotonic() - started >= _CHUNK_SECONDS or not source.at_hand():
+                    yield chunk
+                    chunk, count, started = Chunk(), 0, time.monotonic()
+            if count:
+                yield chunk
+
+    def _map(self, chunk: Chunk, record: Record) -> None:
+        outcome = self.engine.process_record(record)
+        self.tally.add(outcome)
+        self.read += 1
+        self.bytes += len(record.raw) + 1
+        if outcome.rejected:
+            chunk.dead_letter(rejected_input(record, outcome))
+        chunk.add(record, outcome.emitted)
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+
+def _open_input(name: str, spool: Spool) -> _Input:
+    if name == STDIN:
+        lines = ((number, raw, None) for number, raw in enumerate(sys.stdin.buffer, start=1))
+        return _Input(name, None, _records(name, lines), _stdin_at_hand, None)
+    key = str(Path(name).resolve())
+    start = spool.checkpoint(key)
+    lines = _file_lines(name, start)
+    return _Input(name, key, _records(name, lines), lambda: True, _todo(Path(name), start))
+
+
+def _open_replay(path: Path, spool: Spool) -> _Input:
+    stat = path.stat()
+    key = f"replay:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    start = spool.checkpoint(key)
+    lines = _file_lines(str(path), start)
+    return _Input(str(path), key, _revived(_records(str(path), lines)), lambda: True, _todo(path, start))
+
+
+def _todo(path: Path, start: Checkpoint | None) -> int:
+    size = path.stat().st_size
+    return size - start.offset if start and start.offset <= size else size
+
+
+def _file_lines(path: str, start: Checkpoint | None) -> Iterator[tuple[int, bytes, Checkpoint | None]]:
+    """Lines of a file with their numbers, from where ``start`` says unless the file is another."""
+    with open(path, "rb") as stream:
+        head = stream.read(_HEAD)
+        size = os.fstat(stream.fileno()).st_size
+        offset = line = 0
+        if start and start.offset <= size and head.startswith(start.head):
+            offset, line = start.offset, start.line
+        stream.seek(offset)
+        for raw in stream:
+            line += 1
+            offset += len(raw)
+            yield line, raw, Checkpoint(offset, line, head[:offset])
+
+
+def _records(
+    origin: str, lines: Iterable[tuple[int, bytes, Checkpoint | None]]
+) -> Iterator[tuple[Record, Checkpoint | None]]:
+    for number, raw, checkpoint in lines:
+        raw = raw.strip()
+        if raw:
+            yield _decode(origin, number, raw), checkpoint
+
+
+def _revived(letters: Iterable[tuple[Record, Checkpoint | None]]) -> Iterator[tuple[Record, Checkpoint | None]]:
+    """The original input records kept in dead-letter records."""
+    for letter, checkpoint in letters:
+        data = letter.event
+        if letter.error or not isinstance(data, dict) or not ("event" in data or "raw" in data):
+            error = letter.error or f"{letter.origin}:{letter.line}: not a dead-letter record"
+            yield Record(letter.origin, letter.line, letter.raw, error=error), checkpoint
+            continue
+        origin, line = data.get("origin") or letter.origin, data.get("line") or letter.line
+        if "event" in data:
+            yield Record(origin, line, orjson.dumps(data["event"]), event=data["event"]), checkpoint
+        else:
+            yield _decode(origin, line, str(data["raw"]).encode()), checkpoint
+
+
+def _decode(origin: str, line: int, raw: bytes) -> Record:
+    try:
+        return Record(origin, line, raw, event=orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        return Record(origin, line, raw, error=f"{origin}:{line}: not valid JSON: {exc}")
+
+
+def _stdin_at_hand() -> bool:
+    """Whether standard input has more to read right now (so a chunk may wait for it)."""
+    try:
+        return bool(select.select([sys.stdin], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
+
+
+# -- settings, progress, summary -------------------------------------------------------------------
+
+
+def _target(
+    *, endpoint: str | None, api_key_file: Path | None, spool_path: Path, dead_letters: Path, **tuning: Any
+) -> _Target:
+    if api_key_file:
+        api_key = api_key_file.read_text(encoding="utf-8").strip()
+    else:
+        api_key = os.environ.get("TOPSORT_API_KEY", "").strip()
+    if not endpoint or not api_key:
+        raise click.UsageError(_NO_TARGET)
+    if not endpoint.startswith(("http://", "https://")):
+        raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
+    return _Target(endpoint, api_key, spool_path, dead_letters, **tuning)
+
+
+def _engine(rule_dirs: tuple[Path, ...]) -> Engine:
+    try:
+        return Engine.from_folders(*rule_dirs)
+    except EngineError as exc:
+        raise click.ClickException(f"{exc}\nRun `segment-topsort check` for details.") from None
+
+
+@contextmanager
+def _progress(ingest: _Ingest, dispatcher: Dispatcher) -> Iterator[Callable[[], None]]:
+    """A live bar on a terminal (stderr): input read, events delivered, waiting, failed."""
+    if not stderr.is_terminal:
+        yield lambda: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task("", total=None)
+
+        def show() -> None:
+            stats = dispatcher.stats
+            progress.update(
+                task,
+                description=f"read {ingest.read:,} · delivered {stats.delivered:,} · in spool"
+                f" {dispatcher.spool.unsent:,} · failed {stats.failed:,}",
+                total=ingest.todo,
+                completed=ingest.bytes,
+            )
+
+        yield show
+
+
+def _summary(
+    title: str, ingest: _Ingest, dispatcher: Dispatcher, left_before: int, left_now: int, exported: int, target: _Target
+) -> Any:
+    stats = dispatcher.stats
+    elapsed = max(time.perf_counter() - ingest.tally.started, 1e-9)
+    extra = {
+        "left by an earlier run": left_before,
+        "delivered": stats.delivered,
+        "requests sent": stats.requests,
+        "retried requests": stats.retries,
+        "undeliverable events": stats.failed,
+        f"dead letters written to {target.dead_letters}": exported,
+        "left in the spool": left_now,
+        "delivered events/s": round(stats.delivered / elapsed),
+    }
+    return ingest.tally.table(title, extra)
