@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS inputs (
     raw BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS pending (
-    seq INTEGER PRIMARY KEY,
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: delivery reads on from the last seq
     input_id INTEGER NOT NULL,
     kind TEXT NOT NULL,
     rule TEXT NOT NULL,
