@@ -101,15 +101,17 @@ class Faults:
 class EventStore:
     """Accepted events by kind, deduplicated by ``(kind, id)``, and counters of what happened.
 
-    Safe to read from another thread than the server's. Events are kept as compact JSON (they are
-    parsed again when read). With ``log_file``, every newly accepted event is also appended to it
-    as one NDJSON line ``{"kind": ..., "event": ...}``.
+    Safe to read from another thread than the server's. Accepted requests are kept as received
+    (raw JSON, with which of their events were new) and parsed again when read, which keeps
+    accepting cheap. With ``log_file``, every newly accepted event is also appended to it as one
+    NDJSON line ``{"kind": ..., "event": ...}``.
     """
 
     def __init__(self, log_file: Path | None = None) -> None:
         self._lock = threading.Lock()
-        self._log: IO[str] | None = log_file.open("a", encoding="utf-8") if log_file else None
-        self._events: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+        self._log: IO[bytes] | None = log_file.open("ab") if log_file else None
+        self._requests_kept: list[tuple[bytes, dict[str, list[int]]]] = []
+        self._ids: dict[str, set[str]] = {kind: set() for kind in KINDS}
         self._requests: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()
@@ -118,15 +120,20 @@ class EventStore:
 
     def events(self, kind: str) -> list[dict[str, Any]]:
         """The accepted events of one kind (``impressions``, ``clicks``, ...), oldest first."""
-        if kind not in self._events:
+        if kind not in self._ids:
             raise ValueError(f"unknown event kind {kind!r}; expected one of {', '.join(KINDS)}")
-        with self._lock:
-            stored = list(self._events[kind].values())
-        return [orjson.loads(event) for event in stored]
+        return self.all()[kind]
 
     def all(self) -> dict[str, list[dict[str, Any]]]:
-        """Every accepted event, by kind."""
-        return {kind: self.events(kind) for kind in KINDS}
+        """Every accepted event, by kind, oldest first."""
+        with self._lock:
+            kept = list(self._requests_kept)
+        events: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+        for raw, new in kept:
+            body = orjson.loads(raw)
+            for kind, positions in new.items():
+                events[kind].extend(body[kind][i] for i in positions)
+        return events
 
     def stats(self) -> dict[str, Any]:
         """Requests by status, errors by errCode, events accepted, duplicates ignored, faults by kind."""
@@ -142,8 +149,9 @@ class EventStore:
     def reset(self) -> None:
         """Forget all events and counters (the NDJSON log, if any, is left as it is)."""
         with self._lock:
-            for events in self._events.values():
-                events.clear()
+            self._requests_kept.clear()
+            for ids in self._ids.values():
+                ids.clear()
             for counter in (self._requests, self._errors, self._faults):
                 counter.clear()
             self._accepted = self._duplicates = 0
@@ -153,21 +161,29 @@ class EventStore:
         if self._log:
             self._log.close()
 
-    def _add(self, body: dict[str, Any]) -> None:
-        lines: list[str] = []
+    def _add(self, raw: bytes, body: dict[str, Any]) -> None:
+        new: dict[str, list[int]] = {}
         with self._lock:
-            for kind, stored in self._events.items():
-                for event in body.get(kind, ()):
-                    if event["id"] in stored:
+            for kind, ids in self._ids.items():
+                positions = []
+                for position, event in enumerate(body.get(kind, ())):
+                    if event["id"] in ids:
                         self._duplicates += 1
-                        continue
-                    # decode() also copies orjson's output into a right-sized object
-                    stored[event["id"]] = encoded = orjson.dumps(event).decode()
-                    self._accepted += 1
-                    if self._log:
-                        lines.append(f'{{"kind":"{kind}","event":{encoded}}}\n')
-            if lines and self._log:
-                self._log.write("".join(lines))
+                    else:
+                        ids.add(event["id"])
+                        positions.append(position)
+                if positions:
+                    new[kind] = positions
+                    self._accepted += len(positions)
+            if new:
+                self._requests_kept.append((raw, new))
+            if new and self._log:
+                lines = (
+                    b'{"kind":"%s","event":%s}\n' % (kind.encode(), orjson.dumps(body[kind][i]))
+                    for kind, positions in new.items()
+                    for i in positions
+                )
+                self._log.write(b"".join(lines))
                 self._log.flush()
 
     def _count(self, status: str, err_code: str | None = None, fault: str | None = None) -> None:
@@ -371,7 +387,7 @@ class _Service:
             return self._refuse(*_describe(exc))
         if self._poison and _poisoned(body, self._poison):
             return self._refuse("resolved_bid_id_not_found", "one or more resolved bid ids were not found")
-        self._store._add(body)
+        self._store._add(raw, body)
         self._store._count("204")
         return Response(status_code=204)
 
