@@ -162,21 +162,21 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: Callable[[Spoo
             timeout=target.timeout,
             policy=RetryPolicy(max_elapsed=target.max_retry_time),
         )
-        failure: DeliveryError | None = None
-        with _progress(ingest, dispatcher) as show:
+        failure: EngineError | OSError | None = None
+        try:
+            with _progress(ingest, dispatcher) as show:
 
-            def tick() -> None:
-                nonlocal exported
-                exported += spool.export_dead_letters(target.dead_letters)
-                show()
+                def tick() -> None:
+                    nonlocal exported
+                    exported += spool.export_dead_letters(target.dead_letters)
+                    show()
 
-            try:
                 dispatcher.run(ingest.chunks(inputs(spool)), tick)
-            except DeliveryError as exc:
-                failure = exc
-            finally:
-                exported += spool.export_dead_letters(target.dead_letters)
-                stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported, target))
+        except (DeliveryError, OSError) as exc:
+            failure = exc
+        finally:
+            exported += spool.export_dead_letters(target.dead_letters)
+            stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported, target))
     if failure:
         raise click.ClickException(str(failure))
 
@@ -196,10 +196,11 @@ class _Ingest:
         """Bytes to read, when known (not for standard input)."""
 
     def chunks(self, inputs: Iterable[_Input]) -> Iterator[Chunk]:
-        inputs = list(inputs)
-        sizes = [source.todo for source in inputs]
+        """Chunks of mapped input, each with the checkpoint reached in its source."""
+        sources = list(inputs)
+        sizes = [source.todo for source in sources]
         self.todo = None if None in sizes else sum(size or 0 for size in sizes)
-        for source in inputs:
+        for source in sources:
             chunk, count, started = Chunk(), 0, time.monotonic()
             for record, checkpoint in source.records:
                 self._map(chunk, record)
