@@ -1,0 +1,77 @@
+"""Every case of the official JMESPath compliance suite: the compiler must do what jmespath does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jmespath
+import pytest
+
+from engine.functions import FUNCTIONS
+from engine.jmespath_compiler import compile_expression
+
+SUITE = Path(__file__).resolve().parents[1].parent / "shared" / "jmespath-compliance"
+EXPECTED_CASES = 908
+
+
+def _load_cases() -> list[Any]:
+    cases = []
+    for path in sorted(SUITE.glob("*.json")):
+        for group, suite in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+            for number, case in enumerate(suite["cases"]):
+                case_id = f"{path.name}[{group}][{number}] {case['expression']}"
+                cases.append(pytest.param(suite["given"], case, id=case_id))
+    return cases
+
+
+CASES = _load_cases() if SUITE.is_dir() else []
+needs_suite = pytest.mark.skipif(not SUITE.is_dir(), reason=f"compliance suite not found at {SUITE}")
+
+
+def typed(value: Any) -> Any:
+    """``value`` with every type and every key order made explicit, so ``1``, ``1.0`` and
+    ``True`` differ, as do ``{"a":…,"b":…}`` and ``{"b":…,"a":…}``."""
+    if isinstance(value, dict):
+        return ("object", [(key, typed(item)) for key, item in value.items()])
+    if isinstance(value, list):
+        return ("array", [typed(item) for item in value])
+    if value is None or isinstance(value, (str, int, float)):
+        return (type(value).__name__, value)
+    return (type(value).__name__,)
+
+
+def outcome(evaluate: Any) -> tuple[str, Any]:
+    """What running ``evaluate()`` gives: its typed result, or its exception's type and text."""
+    try:
+        return ("result", typed(evaluate()))
+    except Exception as error:  # noqa: BLE001 - any exception is an outcome to compare
+        return ("error", (type(error), str(error)))
+
+
+def compiled_outcome(expression: str, document: Any) -> tuple[str, Any]:
+    return outcome(lambda: compile_expression(expression, FUNCTIONS)(document))
+
+
+def reference_outcome(expression: str, document: Any) -> tuple[str, Any]:
+    options = jmespath.Options(custom_functions=FUNCTIONS)
+    return outcome(lambda: jmespath.search(expression, document, options=options))
+
+
+@needs_suite
+def test_suite_is_complete() -> None:
+    assert len(CASES) == EXPECTED_CASES
+
+
+@needs_suite
+@pytest.mark.parametrize(("given", "case"), CASES)
+def test_case(given: Any, case: dict[str, Any]) -> None:
+    expression = case["expression"]
+    expected = reference_outcome(expression, given)
+    assert compiled_outcome(expression, given) == expected
+    # The reference itself passes the suite, so this also proves the cases were read right.
+    if "result" in case:
+        assert expected == ("result", typed(case["result"]))
+    if "error" in case:
+        assert expected[0] == "error"
