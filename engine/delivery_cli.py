@@ -310,7 +310,10 @@ def _target(
     *, endpoint: str | None, api_key_file: Path | None, spool_path: Path, dead_letters: Path, **tuning: Any
 ) -> _Target:
     if api_key_file:
-        api_key = api_key_file.read_text(encoding="utf-8").strip()
+        try:
+            api_key = api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise click.UsageError(f"cannot read the API key from {api_key_file}: {exc}") from None
     else:
         api_key = os.environ.get("TOPSORT_API_KEY", "").strip()
     if not endpoint or not api_key:

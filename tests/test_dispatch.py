@@ -248,7 +248,7 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
         self.server.arrivals.append(time.monotonic())
         status, headers = self.server.script.pop(0) if self.server.script else (204, {})
         headers = headers() if callable(headers) else headers
-        body = b'{"errCode":"too_many_requests","message":"slow down"}' if status >= 400 else b""
+        body = b'{"errCode":"bad_request","message":"scripted %d"}' % status if status >= 400 else b""
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(name, value)
@@ -304,6 +304,17 @@ def test_a_wait_past_the_budget_is_not_waited(scripted: Any, tmp_path: Path) -> 
     [letter] = _dead_letters(spool, tmp_path)
     reason = letter["rejected"][0]["reason"]
     assert reason.startswith("undeliverable after 1 attempt(s) in ") and reason.endswith(" s: HTTP 429")
+
+
+def test_a_422_is_bisected_like_a_400(scripted: Any, tmp_path: Path) -> None:
+    server = scripted([(422, {})])  # then 204: the first half passes, so the second one is the bad one
+    spool = _spool(tmp_path, [_impression(1), _impression(2)])
+    dispatcher = _deliver(spool, server.url)
+
+    assert len(server.arrivals) == 2 and dispatcher.stats.delivered == 1
+    [letter] = _dead_letters(spool, tmp_path)
+    [why] = letter["rejected"]
+    assert (why["id"], why["errCode"], why["reason"]) == ("imp-2", "bad_request", "bad_request: scripted 422")
 
 
 # -- fatal answers ------------------------------------------------------------------------------------

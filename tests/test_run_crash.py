@@ -152,6 +152,23 @@ def test_the_key_can_come_from_a_file(sandbox: Sandbox, tmp_path: Path) -> None:
     assert set(_stored(sandbox)) == expected_ids
 
 
+def test_a_file_read_before_is_read_on_from_where_it_ended(sandbox: Sandbox, tmp_path: Path) -> None:
+    data, expected_ids, _ = _segment_events(120)
+    events = tmp_path / "events.ndjson"
+    lines = data.splitlines(keepends=True)
+    events.write_bytes(b"".join(lines[:100]))
+    runner = CliRunner(env={"TOPSORT_API_KEY": KEY})
+    assert _count(runner.invoke(main, _run_args(events, sandbox, tmp_path)).output) == 100
+
+    with open(events, "ab") as grown:  # more events appended since
+        grown.write(b"".join(lines[100:]))
+    assert _count(runner.invoke(main, _run_args(events, sandbox, tmp_path)).output) == 20
+    assert set(_stored(sandbox)) == expected_ids
+
+    events.write_bytes(b"".join(lines[50:]))  # another file in its place: read from its start
+    assert _count(runner.invoke(main, _run_args(events, sandbox, tmp_path)).output) == 70
+
+
 @pytest.mark.parametrize("missing", ["endpoint", "key"])
 def test_run_refuses_without_endpoint_or_key(tmp_path: Path, missing: str) -> None:
     (tmp_path / "events.ndjson").write_text("{}\n")
