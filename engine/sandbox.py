@@ -438,7 +438,7 @@ class _Service:
 
 def _describe(error: jsonschema_rs.ValidationError) -> tuple[str, str]:
     """A Topsort-like errCode and a message with the JSON path for a schema error."""
-    path, keyword = list(error.instance_path), error.kind.name
+    path, keyword = list(error.instance_path), error.schema_path[-1]
     where = "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
     missing = getattr(error.kind, "property", None) if keyword == "required" else None
     if not path and keyword == "anyOf":
