@@ -46,6 +46,17 @@ main.add_command(replay_command)
 main.add_command(sandbox_command, "sandbox")
 
 
+@main.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_command(args: tuple[str, ...]) -> None:
+    """Benchmark the engine (needs a checkout's benchmarks/); `bench --help` lists its options."""
+    try:
+        from benchmarks.__main__ import main as bench
+    except ImportError:
+        raise click.ClickException("the benchmark runs from a source checkout (benchmarks/ beside engine/)") from None
+    bench.main(list(args), prog_name="segment-topsort bench")
+
+
 @main.command()
 @click.argument("rule_dirs", nargs=-1, type=click.Path(path_type=Path))
 def check(rule_dirs: tuple[Path, ...]) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks of segment-topsort: ``python -m benchmarks`` (engine throughput, RSS, rule load time)."""

@@ -1,0 +1,86 @@
+"""Events per second of one implementation over the corpus, per preset group, on one thread.
+
+A *pipeline* takes one NDJSON line and does the whole job: decode, map, validate, and encode
+each Topsort event it makes; it returns how many it made.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from engine import Engine
+
+from .handwritten import HandWritten
+from .naive import NaiveInterpreter
+
+Pipeline = Callable[[bytes], int]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """``events`` input events took ``seconds`` and made ``emitted`` Topsort events."""
+
+    events: int
+    emitted: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.events / self.seconds if self.seconds else float("inf")
+
+    @property
+    def micros(self) -> float:
+        return self.seconds / self.events * 1e6 if self.events else 0.0
+
+    def __add__(self, other: Timing) -> Timing:
+        return Timing(self.events + other.events, self.emitted + other.emitted, self.seconds + other.seconds)
+
+
+def engine_pipeline(engine: Engine) -> Pipeline:
+    """orjson decode, ``engine.process``, orjson encode of each emitted event."""
+    process, loads, dumps = engine.process, orjson.loads, orjson.dumps
+
+    def run(line: bytes) -> int:
+        emitted = process(loads(line)).emitted
+        for made in emitted:
+            dumps(made.event)
+        return len(emitted)
+
+    return run
+
+
+def naive_pipeline(naive: NaiveInterpreter) -> Pipeline:
+    """json decode, the rules interpreted with jmespath.search, python-jsonschema, json encode."""
+    return lambda line: len(naive.process_line(line))
+
+
+def handwritten_pipeline(hand: HandWritten) -> Pipeline:
+    """orjson decode, hand-written dict code, jsonschema-rs, orjson encode."""
+    return lambda line: len(hand.process_line(line))
+
+
+def time_groups(pipeline: Pipeline, groups: Mapping[str, Sequence[bytes]], repeat: int) -> dict[str, Timing]:
+    """The best of ``repeat`` timed passes over each group of lines."""
+    return {name: _best(pipeline, lines, repeat) for name, lines in groups.items() if lines}
+
+
+def overall(timings: Mapping[str, Timing]) -> Timing:
+    """All groups together: the same events, the sum of their times."""
+    return sum(timings.values(), Timing(0, 0, 0.0))
+
+
+def _best(pipeline: Pipeline, lines: Sequence[bytes], repeat: int) -> Timing:
+    best = None
+    emitted = 0
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        emitted = 0
+        for line in lines:
+            emitted += pipeline(line)
+        elapsed = time.perf_counter() - start
+        best = elapsed if best is None else min(best, elapsed)
+    return Timing(len(lines), emitted, best or 0.0)
