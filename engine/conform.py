@@ -40,6 +40,13 @@ def conformer(node: SchemaNode | None) -> Conformer | None:
     return fit
 
 
+def native_type(node: SchemaNode | None) -> type | None:
+    """The Python type a value of ``node`` already has when it needs no fitting (a fast path)."""
+    if node is None or len(node.types) != 1:
+        return None
+    return {"string": str, "integer": int, "boolean": bool}.get(next(iter(node.types)))
+
+
 def _object_conformer(node: SchemaNode) -> Conformer:
     fits = {key: conformer(child) for key, child in node.properties.items()}
     closed, values = node.closed, conformer(node.values)

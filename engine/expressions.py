@@ -8,27 +8,25 @@ from typing import Any
 
 import jmespath
 from jmespath.exceptions import JMESPathError
-from jmespath.visitor import TreeInterpreter
 
+from . import jmespath_compiler
 from .functions import FUNCTIONS
 
 Expression = Callable[[Any], Any]
 ExpressionSyntaxError = (jmespath.exceptions.ParseError, jmespath.exceptions.LexerError)
 __all__ = ["Expression", "ExpressionSyntaxError", "JMESPathError", "compile_expression"]
 
-_INTERPRETER = TreeInterpreter(jmespath.Options(custom_functions=FUNCTIONS))
-
 
 @lru_cache(maxsize=4096)
 def compile_expression(text: str) -> Expression:
     """A callable evaluating ``text`` against a document (with the custom functions).
 
-    Raises ``jmespath.exceptions.ParseError`` (or ``LexerError``) for bad syntax; the
-    callable raises a ``JMESPathError`` for run-time errors such as a wrong argument type.
+    The expression is compiled to Python closures (:mod:`engine.jmespath_compiler`), which
+    give exactly what ``jmespath.search`` gives, several times faster. Raises
+    ``jmespath.exceptions.ParseError`` (or ``LexerError``) for bad syntax; the callable raises
+    a ``JMESPathError`` for run-time errors such as a wrong argument type.
     """
-    ast = jmespath.compile(text).parsed
-    visit = _INTERPRETER.visit
-    return lambda document: visit(ast, document)
+    return jmespath_compiler.compile_expression(text, FUNCTIONS)
 
 
 def function_problems(text: str) -> list[str]:

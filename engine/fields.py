@@ -27,7 +27,7 @@ from typing import Any
 from jmespath.exceptions import JMESPathError
 
 from .coercion import COERCIONS
-from .conform import conformer
+from .conform import conformer, native_type
 from .expressions import ExpressionSyntaxError, compile_expression, function_problems
 from .outcome import KINDS
 from .topsort_schema import SchemaNode, topsort_schema
@@ -70,8 +70,13 @@ def truthy(value: Any) -> bool:
     return not isinstance(value, (str, list, dict)) or bool(value)
 
 
-def compile_expression_at(text: str, ypath: Path_, field: str, report: Report) -> Evaluate:
-    """Compile one expression of a rule file; report syntax and function errors where they are."""
+def compile_expression_at(
+    text: str, ypath: Path_, field: str, report: Report, node: SchemaNode | None = None
+) -> Evaluate:
+    """Compile one expression of a rule file; report syntax and function errors where they are.
+
+    With ``node``, the value is fitted to that place of the Topsort schema in the same call.
+    """
     try:
         compiled = compile_expression(text)
     except ExpressionSyntaxError as exc:
@@ -80,6 +85,7 @@ def compile_expression_at(text: str, ypath: Path_, field: str, report: Report) -
         return _nothing
     for problem in function_problems(text):
         report(ypath, f"in {text!r}: {problem}", field=field)
+    fit = conformer(node)
 
     def evaluate(context: Any) -> Any:
         try:
@@ -87,7 +93,18 @@ def compile_expression_at(text: str, ypath: Path_, field: str, report: Report) -
         except JMESPathError as exc:
             raise FieldError(field, f"{text!r} failed: {exc}") from None
 
-    return evaluate
+    if fit is None:
+        return evaluate
+    native = native_type(node)
+
+    def evaluate_and_fit(context: Any) -> Any:
+        try:
+            value = compiled(context)
+        except JMESPathError as exc:
+            raise FieldError(field, f"{text!r} failed: {exc}") from None
+        return value if value is None or value.__class__ is native else fit(value)
+
+    return evaluate_and_fit
 
 
 class FieldCompiler:
@@ -122,13 +139,14 @@ class FieldCompiler:
         return build, leaves
 
     def _child(
-        self, key: str, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, top: bool = False
+        self, key: str, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True,
+        top: bool = False,
     ) -> Evaluate | None:
         child = node.child(key)
         if child is None:
             self.report((*ypath, key), self._unknown(key, opath, node), field=_dotted((*opath, key)), key=True)
             return None
-        return self.field(spec, (*ypath, key), (*opath, key), child)
+        return self.field(spec, (*ypath, key), (*opath, key), child, fit=fit)
 
     def _unknown(self, key: str, opath: tuple[str, ...], node: SchemaNode) -> str:
         where = f"Topsort {self.kind}" + (f" {_dotted(opath)}" if opath else "")
@@ -148,26 +166,33 @@ class FieldCompiler:
     ) -> Evaluate:
         """The function computing one field's value (None when absent)."""
         if isinstance(spec, str):
-            evaluate = compile_expression_at(spec, ypath, _dotted(opath), self.report)
-        elif is_spec(spec):
-            evaluate = self._spec(spec, ypath, opath, node)
-        elif isinstance(spec, dict):
-            return self._object(spec, ypath, opath, node)
-        else:
+            return compile_expression_at(spec, ypath, _dotted(opath), self.report, node if fit else None)
+        if isinstance(spec, dict) and not is_spec(spec):
+            return self._object(spec, ypath, opath, node, fit=fit)
+        if not isinstance(spec, dict):
             self.report(ypath, f"a field is an expression, a spec or a mapping of fields, not {spec!r}",
                         field=_dotted(opath))
             return _nothing
+        evaluate = self._spec(spec, ypath, opath, node)
         fitting = conformer(node) if fit else None
         if fitting is None:
             return evaluate
-        return lambda context: fitting(evaluate(context))
+        native = native_type(node)
 
-    def _object(self, fields: dict[str, Any], ypath: Path_, opath: tuple[str, ...], node: SchemaNode) -> Evaluate:
+        def evaluate_and_fit(context: Any) -> Any:
+            value = evaluate(context)
+            return value if value is None or value.__class__ is native else fitting(value)
+
+        return evaluate_and_fit
+
+    def _object(
+        self, fields: dict[str, Any], ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True
+    ) -> Evaluate:
         if "object" not in node.types and node.types:
             self.report(ypath, f"Topsort {self.kind} {_dotted(opath)} is not an object", field=_dotted(opath))
         entries = []
         for key, spec in fields.items():
-            fn = self._child(key, spec, ypath, opath, node)
+            fn = self._child(key, spec, ypath, opath, node, fit=fit)
             if fn is not None:
                 entries.append((key, fn))
 
@@ -220,7 +245,7 @@ class FieldCompiler:
         if source == "const":
             return _constant(spec["const"])
         if source == "fields":
-            return self._object(spec["fields"], at, opath, node)
+            return self._object(spec["fields"], at, opath, node, fit=False)
         parts = [self.field(part, (*at, i), opath, node, fit=False) for i, part in enumerate(spec[source])]
         return _first(parts) if source == "first" else _merge(parts)
 
