@@ -22,6 +22,7 @@ import click
 import orjson
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
@@ -176,7 +177,9 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: Callable[[Spoo
             failure = exc
         finally:
             exported += spool.export_dead_letters(target.dead_letters)
-            stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported, target))
+            stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported))
+            if exported:
+                stderr.print(f"Dead letters: {target.dead_letters} (send them again with `segment-topsort replay`)")
     if failure:
         raise click.ClickException(str(failure))
 
@@ -354,8 +357,8 @@ def _progress(ingest: _Ingest, dispatcher: Dispatcher) -> Iterator[Callable[[], 
 
 
 def _summary(
-    title: str, ingest: _Ingest, dispatcher: Dispatcher, left_before: int, left_now: int, exported: int, target: _Target
-) -> Any:
+    title: str, ingest: _Ingest, dispatcher: Dispatcher, left_before: int, left_now: int, exported: int
+) -> Table:
     stats = dispatcher.stats
     elapsed = max(time.perf_counter() - ingest.tally.started, 1e-9)
     extra = {
@@ -364,7 +367,7 @@ def _summary(
         "requests sent": stats.requests,
         "retried requests": stats.retries,
         "undeliverable events": stats.failed,
-        f"dead letters written to {target.dead_letters}": exported,
+        "dead letters written": exported,
         "left in the spool": left_now,
         "delivered events/s": round(stats.delivered / elapsed),
     }
