@@ -54,3 +54,21 @@ def _check_calls(node: dict[str, Any], problems: list[str]) -> None:
     for child in node.get("children", []):
         if isinstance(child, dict):
             _check_calls(child, problems)
+
+
+def referenced_names(text: str) -> set[str]:
+    """Every identifier a valid expression reads (at any depth), plus ``@`` if it uses the current node.
+
+    An over-approximation of what the expression depends on, used to evaluate fields that do
+    not depend on a fan-out element once per event instead of once per element.
+    """
+    names: set[str] = set()
+    stack = [jmespath.compile(text).parsed]
+    while stack:
+        node = stack.pop()
+        if node.get("type") == "field":
+            names.add(node["value"])
+        elif node.get("type") == "current":
+            names.add("@")
+        stack.extend(child for child in node.get("children", []) if isinstance(child, dict))
+    return names

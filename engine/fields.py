@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +28,14 @@ from jmespath.exceptions import JMESPathError
 
 from .coercion import COERCIONS
 from .conform import conformer, native_type
-from .expressions import ExpressionSyntaxError, compile_expression, function_problems
+from .expressions import ExpressionSyntaxError, compile_expression, function_problems, referenced_names
 from .outcome import KINDS
 from .topsort_schema import SchemaNode, topsort_schema
 from .yaml_source import Path_
 
 Evaluate = Callable[[Any], Any]
+Build = Callable[..., dict[str, Any]]
+Prepare = Callable[[Any], dict[str, Any]]
 Report = Callable[..., None]
 
 SOURCES = ("from", "const", "first", "merge", "fields")
@@ -119,24 +121,35 @@ class FieldCompiler:
         self.report = report
         self.fanout_arrays: list[tuple[str, ...]] = []
 
-    def top(self, fields: dict[str, Any], ypath: Path_, node: SchemaNode) -> tuple[Evaluate, list[Leaf]]:
-        """The function building a whole Topsort event, and its top-level leaves."""
+    def top(
+        self, fields: dict[str, Any], ypath: Path_, node: SchemaNode, per_item: frozenset[str] = frozenset()
+    ) -> tuple[Build, Prepare, list[Leaf]]:
+        """The functions building a whole Topsort event, and its top-level leaves.
+
+        In a fan-out, fields whose expressions name none of ``per_item`` (the element, ``index``,
+        ``@``) are the same for every element: ``prepare(event)`` computes them once per event
+        and ``build(context, prepared)`` reuses them for each element.
+        """
         leaves = []
         for key, spec in fields.items():
             fn = self._child(key, spec, ypath, (), node, top=True)
             if fn is not None:
                 leaves.append(Leaf(key, spec, fn))
-        entries = tuple((leaf.path, leaf.evaluate) for leaf in leaves)
+        shared = {leaf.path for leaf in leaves if per_item and per_item.isdisjoint(_names(leaf.spec))}
+        plan = tuple((leaf.path, leaf.evaluate, leaf.path in shared) for leaf in leaves)
 
-        def build(context: Any) -> dict[str, Any]:
+        def prepare(event: Any) -> dict[str, Any]:
+            return {key: evaluate(event) for key, evaluate, once in plan if once}
+
+        def build(context: Any, prepared: dict[str, Any] | None = None) -> dict[str, Any]:
             out = {}
-            for key, evaluate in entries:
-                value = evaluate(context)
+            for key, evaluate, once in plan:
+                value = prepared[key] if once and prepared is not None else evaluate(context)
                 if value is not None and value != "":
                     out[key] = value
             return out
 
-        return build, leaves
+        return build, prepare, leaves
 
     def _child(
         self, key: str, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True,
@@ -279,13 +292,42 @@ def _each(sequence: Evaluate, item: str, produce: Evaluate) -> Evaluate:
         if not isinstance(elements, list):
             return None
         out = []
-        for index, element in enumerate(elements):
-            value = produce({**context, item: element, "index": index})
+        for element_context in element_contexts(context, item, elements):
+            value = produce(element_context)
             if value is not None:
                 out.append(value)
         return out
 
     return each
+
+
+def element_contexts(event: dict[str, Any], item: str, elements: list[Any]) -> Iterator[dict[str, Any]]:
+    """The event with each element bound as ``item`` and its position as ``index``, in turn.
+
+    One dict is updated in place for every element (copying the event once, not per element):
+    use each context before taking the next.
+    """
+    context = {**event, item: None, "index": 0}
+    for index, element in enumerate(elements):
+        context[item] = element
+        context["index"] = index
+        yield context
+
+
+def _names(spec: Any) -> set[str]:
+    """Every name the expressions of a field spec read (``@`` included), over-approximated."""
+    if isinstance(spec, str):
+        try:
+            return referenced_names(spec)
+        except ExpressionSyntaxError:
+            return set()
+    if isinstance(spec, list):
+        return set().union(*map(_names, spec)) if spec else set()
+    if isinstance(spec, dict):
+        keys = spec.keys() - {"const", "lookup", "default", "as", "item"} if is_spec(spec) else spec.keys()
+        names = set().union(*(_names(spec[key]) for key in keys)) if keys else set()
+        return names | ({spec["item"]} if is_spec(spec) and "item" in spec else set())
+    return set()
 
 
 def _guarded(condition: Evaluate, produce: Evaluate) -> Evaluate:

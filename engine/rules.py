@@ -6,7 +6,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fields import DEFAULT_ITEM, Evaluate, FieldCompiler, FieldError, Leaf, Report, compile_expression_at, truthy
+from .fields import (
+    DEFAULT_ITEM,
+    Build,
+    Evaluate,
+    FieldCompiler,
+    FieldError,
+    Leaf,
+    Prepare,
+    Report,
+    compile_expression_at,
+    element_contexts,
+    truthy,
+)
 from .outcome import Kind
 from .topsort_schema import topsort_schema
 from .validation import OutputValidator
@@ -38,7 +50,8 @@ class Rule:
     condition: Evaluate | None
     each: Evaluate | None
     item: str
-    build: Evaluate
+    build: Build
+    prepare: Prepare
     leaves: list[Leaf]
     validator: OutputValidator
     spec: dict[str, Any]
@@ -73,22 +86,33 @@ class Rule:
         """
         if self.each is None:
             return [(None, event)]
-        elements = self.each(event)
+        elements = self._elements(event)
+        return [(index, {**event, self.item: element, "index": index}) for index, element in enumerate(elements)]
+
+    def _elements(self, event: dict[str, Any]) -> list[Any]:
+        elements = self.each(event) if self.each else None
         if not isinstance(elements, list) or not elements:
             got = "nothing" if elements is None else "an empty list" if elements == [] else type(elements).__name__
             raise FieldError("each", f"{self.spec['each']!r} should be a non-empty list, got {got}")
-        return [(index, {**event, self.item: element, "index": index}) for index, element in enumerate(elements)]
+        return elements
 
     def outputs(self, event: dict[str, Any]) -> Iterator[Output]:
         """Map ``event`` (already known to match) to this rule's unvalidated outputs."""
+        if self.each is None:
+            try:
+                yield Output(None, event=self.build(event))
+            except FieldError as exc:
+                yield Output(None, error=exc)
+            return
         try:
-            contexts = self.contexts(event)
+            elements = self._elements(event)
+            prepared = self.prepare(event)
         except FieldError as exc:
             yield Output(None, error=exc)
             return
-        for index, context in contexts:
+        for index, context in enumerate(element_contexts(event, self.item, elements)):
             try:
-                yield Output(index, event=self.build(context))
+                yield Output(index, event=self.build(context, prepared))
             except FieldError as exc:
                 yield Output(index, error=exc)
 
@@ -106,7 +130,9 @@ def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None
     )
     each = compile_expression_at(spec["each"], (*ypath, "each"), "each", report) if "each" in spec else None
     compiler = FieldCompiler(kind, report)
-    build, leaves = compiler.top(spec["fields"], (*ypath, "fields"), topsort_schema().node(kind))
+    item = spec.get("item", DEFAULT_ITEM)
+    per_item = frozenset({item, "index", "@"}) if each is not None else frozenset()
+    build, prepare, leaves = compiler.top(spec["fields"], (*ypath, "fields"), topsort_schema().node(kind), per_item)
     return Rule(
         name=spec["name"],
         kind=kind,
@@ -117,8 +143,9 @@ def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None
         events=events,
         condition=condition,
         each=each,
-        item=spec.get("item", DEFAULT_ITEM),
+        item=item,
         build=build,
+        prepare=prepare,
         leaves=leaves,
         validator=OutputValidator(kind, compiler.fanout_arrays),
         spec=spec,
