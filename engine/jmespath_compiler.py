@@ -17,6 +17,7 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 from numbers import Number
+from types import MethodType
 from typing import Any
 
 import jmespath.functions
@@ -50,15 +51,16 @@ def compile_expression(expression: str, functions: jmespath.functions.Functions)
     ``compile_expression(e, f)(doc)`` returns (or raises) exactly what
     ``jmespath.search(e, doc, options=jmespath.Options(custom_functions=f))`` does.
     Parse errors are the parser's own (``ParseError``, ``LexerError``, ...), raised here.
-    Functions are looked up in ``functions.FUNCTION_TABLE`` at compile time; an unknown
+    Functions are looked up in ``functions.FUNCTION_TABLE`` at compile time (unless
+    ``functions`` overrides jmespath's dispatch, which then runs on every call); an unknown
     function or a wrong argument count still raises only when evaluated, as in jmespath.
     """
     return _Compiler(functions).compile(Parser().parse(expression).parsed)
 
 
 class _Expression:
-    """The value of ``&expr``: jmespath's functions call ``visit(expression, value)`` on it
-    and their type checks recognise it by this class name."""
+    """The value of ``&expr``. jmespath's functions call ``visit(expression, value)`` on it
+    (always with its own ``expression``) and their type checks know it by this class name."""
 
     __slots__ = ("expression", "_evaluate")
 
@@ -70,12 +72,21 @@ class _Expression:
         return self._evaluate(value)
 
 
+# The types jmespath's type checks know by name (they compare ``type(x).__name__``).
+_NAMED_TYPES = {
+    kind.__name__: kind for kind in (str, int, float, bool, list, dict, type(None), _Expression)
+}
+
+
 class _Compiler:
+    """Turns AST nodes into closures: one ``_<node type>`` method per kind of node."""
+
     def __init__(self, functions: jmespath.functions.Functions) -> None:
         self._functions = functions
         self._resolve_at_compile_time = all(
-            getattr(type(functions), name) is getattr(_BUILTINS, name) and name not in vars(functions)
-            for name in _DISPATCH_METHODS
+            getattr(type(functions), method) is getattr(_BUILTINS, method)
+            and method not in vars(functions)
+            for method in _DISPATCH_METHODS
         )
 
     def compile(self, node: _Node) -> _Evaluate:
@@ -84,7 +95,7 @@ class _Compiler:
             return self._chain(node)
         return getattr(self, "_" + kind)(node)
 
-    # -- sequences: a.b, a | b, a[0] -------------------------------------------------------
+    # -- sequences: a.b, a | b, a[0] -------------------------------------------------------------
 
     def _chain(self, node: _Node) -> _Evaluate:
         """Subexpressions, pipes and index expressions all feed each step the previous result;
@@ -134,7 +145,7 @@ class _Compiler:
         bounds = slice(*node["children"])
         return lambda value: value[bounds] if isinstance(value, list) else None
 
-    # -- projections --------------------------------------------------------------------------
+    # -- projections -----------------------------------------------------------------------------
 
     def _projection(self, node: _Node) -> _Evaluate:
         base, each = self.compile(node["children"][0]), self.compile(node["children"][1])
@@ -195,7 +206,7 @@ class _Compiler:
 
         return evaluate
 
-    # -- multi-selects ---------------------------------------------------------------------
+    # -- multi-selects ---------------------------------------------------------------------------
 
     def _multi_select_list(self, node: _Node) -> _Evaluate:
         parts = tuple(self.compile(child) for child in node["children"])
@@ -208,7 +219,7 @@ class _Compiler:
     def _key_val_pair(self, node: _Node) -> _Evaluate:
         return self.compile(node["children"][0])
 
-    # -- logic and comparisons -----------------------------------------------------------------
+    # -- logic and comparisons -------------------------------------------------------------------
 
     def _or_expression(self, node: _Node) -> _Evaluate:
         left, right = (self.compile(child) for child in node["children"])
@@ -273,7 +284,7 @@ class _Compiler:
 
         return evaluate
 
-    # -- functions ---------------------------------------------------------------------------
+    # -- functions -------------------------------------------------------------------------------
 
     def _expref(self, node: _Node) -> _Evaluate:
         expression = node["children"][0]
@@ -290,7 +301,7 @@ class _Compiler:
             # evaluated, after the arguments), or runs an overridden dispatch.
             return lambda value: functions.call_function(name, [arg(value) for arg in args])
 
-        function = spec["function"].__get__(functions)
+        function = MethodType(spec["function"], functions)
         checks = tuple(
             (position, _type_check(functions, name, parameter["types"]))
             for position, parameter in enumerate(spec["signature"])
@@ -321,7 +332,7 @@ class _Compiler:
         return evaluate
 
 
-# -- helpers ---------------------------------------------------------------------------------
+# -- helpers ------------------------------------------------------------------------------------
 
 
 def _unchanged(value: Any) -> Any:
@@ -484,26 +495,33 @@ def _arity_matches(signature: tuple[dict[str, Any], ...], count: int) -> bool:
 def _type_check(
     functions: jmespath.functions.Functions, name: str, types: list[str]
 ) -> Callable[[Any], None]:
-    """A checker for one argument: accepts what jmespath accepts on a fast path and hands
+    """A checker for one argument: accepts on a fast path what jmespath surely accepts and hands
     anything else to jmespath's own check, which raises its exact error (or accepts)."""
     allowed, subtypes = functions._get_allowed_pytypes(types)
-    allowed_names = frozenset(allowed)
-    element_groups = tuple(frozenset(group) for group in subtypes)
+    accepted = _types_named(allowed)
+    element_groups = tuple(_types_named(group) for group in subtypes)
 
     def elements_accepted(items: list[Any]) -> bool:
         if not items:
             return True
-        first = type(items[0]).__name__
+        first = type(items[0])
         for group in element_groups:
             if first in group:
-                return all(type(item).__name__ in group for item in items)
+                for item in items:
+                    if type(item) not in group:
+                        return False
+                return True
         return False
 
     def check(value: Any) -> None:
-        if type(value).__name__ in allowed_names and (
+        if type(value) in accepted and (
             not element_groups or (type(value) is list and elements_accepted(value))
         ):
             return
         functions._type_check_single(value, types, name)
 
     return check
+
+
+def _types_named(names: Iterable[str]) -> frozenset[type]:
+    return frozenset(_NAMED_TYPES[name] for name in names if name in _NAMED_TYPES)

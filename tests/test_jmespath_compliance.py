@@ -27,7 +27,9 @@ def _load_cases() -> list[Any]:
 
 
 CASES = _load_cases() if SUITE.is_dir() else []
-needs_suite = pytest.mark.skipif(not SUITE.is_dir(), reason=f"compliance suite not found at {SUITE}")
+needs_suite = pytest.mark.skipif(
+    not SUITE.is_dir(), reason=f"JMESPath compliance suite not found at {SUITE}"
+)
 
 
 def typed(value: Any) -> Any:
