@@ -22,9 +22,12 @@ from jmespath.functions import signature
 
 def to_text(value: Any) -> str:
     """A scalar as Segment would send it as a string: strings as they are, anything else as JSON."""
-    if isinstance(value, str):
+    kind = value.__class__
+    if kind is str:
         return value
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+    if kind is int:
+        return str(value)
+    if kind is float and value.is_integer() and abs(value) < 2**53:
         return str(int(value))
     return orjson.dumps(value).decode()
 
