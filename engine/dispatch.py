@@ -233,12 +233,14 @@ class Dispatcher:
         """Batch spooled events until enough requests are ready; flush a batch that waited enough."""
         while len(self._ready) < 2 * self._max_in_flight:
             rows = self.spool.unsent_after(self._cursor, _FETCH)
+            if rows and not len(self._batcher):
+                self._oldest = time.monotonic()
             for row in rows:
-                self._cursor = row.seq
-                if not len(self._batcher):
-                    self._oldest = time.monotonic()
                 if full := self._batcher.add(row.kind, row):
                     self._ready.append(_flat(full))
+                    self._oldest = time.monotonic()
+            if rows:
+                self._cursor = rows[-1].seq
             self._caught_up = len(rows) < _FETCH
             if self._caught_up:
                 break

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -80,8 +80,7 @@ class Checkpoint:
     head: bytes = b""
 
 
-@dataclass(frozen=True, slots=True)
-class Spooled:
+class Spooled(NamedTuple):
     """One Topsort event waiting in the spool; ``body`` is its JSON encoding."""
 
     seq: int
@@ -193,7 +192,7 @@ class Spool:
             " WHERE seq > ? AND failure IS NULL ORDER BY seq LIMIT ?",
             (seq, limit),
         ).fetchall()
-        return [Spooled(*row) for row in rows]
+        return list(map(Spooled._make, rows))
 
     def settle(
         self, delivered: Sequence[Spooled], failed: Sequence[tuple[Spooled, dict[str, Any]]]
