@@ -29,6 +29,8 @@ def to_text(value: Any) -> str:
         return str(value)
     if kind is float and value.is_integer() and abs(value) < 2**53:
         return str(int(value))
+    if isinstance(value, str):
+        return str(value)
     return orjson.dumps(value).decode()
 
 
