@@ -115,7 +115,8 @@ def run_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], dead_letter
     """
     target = _target(dead_letters=dead_letters, **settings)
     engine = _engine(rule_dirs)
-    _deliver("run", engine, target, lambda spool: [_open_input(name, spool) for name in files or (STDIN,)])
+    names = list({name if name == STDIN else str(Path(name).resolve()): name for name in files or (STDIN,)}.values())
+    _deliver("run", engine, target, lambda spool: [_open_input(name, spool) for name in names])
 
 
 @click.command("replay")
