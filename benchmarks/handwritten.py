@@ -93,27 +93,27 @@ class HandWritten:
         return [(kind, rule, out)] if self._validators[kind].is_valid(out) else []
 
     def _product_list(self, event: dict[str, Any]) -> list[Mapped]:
-        products = _obj(event.get("properties")).get("products")
-        if not _truthy(products) or not isinstance(products, list):
-            return []
         props = _obj(event.get("properties"))
-        context = _obj(event.get("context"))
+        products = props.get("products")
+        if not isinstance(products, list) or not products:
+            return []
+        shared = _user_fields(event)
+        shared.pop("id", None)
+        try:
+            _put(shared, "deviceType", _device_type(_obj(event.get("context"))))
+            _concat(event.get("messageId"))
+        except _Failed:
+            return []
+        _put(shared, "channel", to_string(props.get("channel")))
         message_id = event.get("messageId")
         validator = self._validators["impressions"]
         mapped: list[Mapped] = []
         for index, product in enumerate(products):
             product = _obj(product)
-            try:
-                out = {}
-                _put(out, "id", to_string(_concat(message_id, ":", index)))
-                _put(out, "occurredAt", to_string(to_datetime(event.get("timestamp"))))
-                _put(out, "opaqueUserId", to_string(_first(event.get("anonymousId"), event.get("userId"))))
-                _put(out, "resolvedBidId", to_string(product.get("resolvedBidId")))
-                _put(out, "additionalAttribution", _entity(product.get("additionalAttribution")))
-                _put(out, "deviceType", _device_type(context))
-                _put(out, "channel", to_string(props.get("channel")))
-            except _Failed:
-                continue
+            out = {**shared}
+            _put(out, "id", to_string(_concat(message_id, ":", index)))
+            _put(out, "resolvedBidId", to_string(product.get("resolvedBidId")))
+            _put(out, "additionalAttribution", _entity(product.get("additionalAttribution")))
             if validator.is_valid(out):
                 mapped.append(("impressions", "product-list-viewed", out))
         return mapped

@@ -119,5 +119,7 @@ def _variant(rule: dict[str, Any], number: int) -> dict[str, Any]:
 
 
 def _cold_load(folder: Path) -> float:
-    done = subprocess.run([sys.executable, "-c", _COLD_LOAD, str(folder)], capture_output=True, check=True)
+    done = subprocess.run([sys.executable, "-c", _COLD_LOAD, str(folder)], capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"loading the rules failed:\n{done.stderr.decode(errors='replace')[-2000:]}")
     return float(done.stdout)

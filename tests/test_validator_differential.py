@@ -109,7 +109,10 @@ VALID: dict[str, st.SearchStrategy[dict[str, Any]]] = {
 
 Path = tuple[Any, ...]
 CLOSED_OBJECTS = {(), ("entity",), ("additionalAttribution",), ("placement",), ("page",), ("object",)}
-REQUIRED = {"id", "occurredAt", "opaqueUserId", "items", "path", "type", "pageId", "productId", "unitPrice"}
+REQUIRED = {("id",), ("occurredAt",), ("opaqueUserId",), ("items",), ("entity", "id"), ("entity", "type"),
+            ("additionalAttribution", "id"), ("additionalAttribution", "type"), ("placement", "path"),
+            ("page", "type"), ("page", "pageId"), ("object", "type"), ("items", "productId"), ("items", "unitPrice")}
+"""Schema paths (array indexes left out) of required keys; a pageview's page is required too."""
 ENUMS = {"deviceType": "tablet", "channel": "web", "type": "shop", "clickType": "buy"}
 RANGES = {"id": "", "opaqueUserId": "a" * 129, "resolvedBidId": "", "position": 0, "page": -1, "pageSize": 0,
           "unitPrice": 0, "quantity": 0, "categoryIds": [], "items": [], "pageId": "", "path": ""}
@@ -138,7 +141,7 @@ def _schema_path(path: Path) -> Path:
     return tuple(key for key in path if not isinstance(key, int))
 
 
-def _wrong_type(draw: Any, event: dict[str, Any]) -> bool:
+def _wrong_type(draw: Any, event: dict[str, Any], kind: str) -> bool:
     places = [p for p in _paths(event) if _schema_path(p)[-1:] != ("value",) and not (
         _schema_path(p)[:1] == ("dsp_metadata",) and len(_schema_path(p)) == 1 and not _get(event, p))]
     path = draw(st.sampled_from(places))
@@ -150,14 +153,14 @@ def _wrong_type(draw: Any, event: dict[str, Any]) -> bool:
     return True
 
 
-def _out_of_range(draw: Any, event: dict[str, Any]) -> bool:
+def _out_of_range(draw: Any, event: dict[str, Any], kind: str) -> bool:
     places = [p for p in _paths(event) if isinstance(p[-1], str) and p[-1] in RANGES]
     path = draw(st.sampled_from(places))
     _get(event, path[:-1])[path[-1]] = copy.copy(RANGES[path[-1]])
     return True
 
 
-def _bad_enum(draw: Any, event: dict[str, Any]) -> bool:
+def _bad_enum(draw: Any, event: dict[str, Any], kind: str) -> bool:
     places = [p for p in _paths(event) if isinstance(p[-1], str) and p[-1] in ENUMS and isinstance(_get(event, p), str)]
     if not places:
         return False
@@ -166,12 +169,12 @@ def _bad_enum(draw: Any, event: dict[str, Any]) -> bool:
     return True
 
 
-def _bad_date_time(draw: Any, event: dict[str, Any]) -> bool:
+def _bad_date_time(draw: Any, event: dict[str, Any], kind: str) -> bool:
     event["occurredAt"] = draw(st.sampled_from(BAD_DATE_TIMES))
     return True
 
 
-def _extra_key(draw: Any, event: dict[str, Any]) -> bool:
+def _extra_key(draw: Any, event: dict[str, Any], kind: str) -> bool:
     places = [p for p in [(), *_paths(event)] if _schema_path(p) in CLOSED_OBJECTS and isinstance(_get(event, p), dict)]
     places += [p for p in _paths(event) if p[:1] == ("items",) and len(p) == 2]
     path = draw(st.sampled_from(places))
@@ -179,15 +182,15 @@ def _extra_key(draw: Any, event: dict[str, Any]) -> bool:
     return True
 
 
-def _missing_key(draw: Any, event: dict[str, Any]) -> bool:
-    places = [p for p in _paths(event) if isinstance(p[-1], str) and p[-1] in REQUIRED
-              and _schema_path(p)[:1] != ("dsp_metadata",)]
+def _missing_key(draw: Any, event: dict[str, Any], kind: str) -> bool:
+    required = REQUIRED | ({("page",)} if kind == "pageviews" else set())
+    places = [p for p in _paths(event) if isinstance(p[-1], str) and _schema_path(p) in required]
     path = draw(st.sampled_from(places))
     del _get(event, path[:-1])[path[-1]]
     return True
 
 
-MUTATIONS: list[Callable[[Any, dict[str, Any]], bool]] = [
+MUTATIONS: list[Callable[[Any, dict[str, Any], str], bool]] = [
     _wrong_type, _out_of_range, _bad_enum, _bad_date_time, _extra_key, _missing_key,
 ]
 
@@ -196,7 +199,7 @@ MUTATIONS: list[Callable[[Any, dict[str, Any]], bool]] = [
 def invalid(draw: Any, kind: str) -> dict[str, Any]:
     event = copy.deepcopy(draw(VALID[kind]))
     mutate = draw(st.sampled_from(MUTATIONS))
-    assume(mutate(draw, event))
+    assume(mutate(draw, event, kind))
     return event
 
 
