@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .batching import Batcher
-from .dead_letters import DeadLetterFile, dead_letter
+from .dead_letters import DeadLetterFile, rejected_input
 from .delivery_cli import replay_command, run_command
 from .engine import Engine
 from .errors import Problem, RulesInvalid
@@ -24,7 +24,7 @@ from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
 from .sandbox import sandbox_command
-from .source import Record, read_records
+from .source import read_records
 from .summary import Tally
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -113,7 +113,7 @@ def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Pa
             tally.add(outcome)
             advance()
             if dead is not None and outcome.rejected:
-                dead.write(_dead_letter(record, outcome))
+                dead.write(rejected_input(record, outcome))
             if output_format == "outcomes":
                 line = {"origin": record.origin, "line": record.line, **outcome.to_dict()}
                 _write(out, line)
@@ -203,15 +203,6 @@ def _print_problems(problems: Sequence[Problem]) -> None:
     for problem in problems:
         colour = "red" if problem.severity == "error" else "yellow"
         stderr.print(f"[{colour}]{escape(str(problem))}[/]")
-
-
-def _dead_letter(record: Record, outcome: Any) -> dict[str, Any]:
-    return dead_letter(
-        stage="decode" if record.error else "map",
-        rejected=[r.to_dict() for r in outcome.rejected],
-        event=record.event, raw=record.raw if record.error else None,
-        origin=record.origin, line=record.line,
-    )
 
 
 def _write(out: BinaryIO, value: Any) -> int:

@@ -9,8 +9,10 @@ never skipped: it cannot be told apart from other data.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -20,8 +22,15 @@ from typing import Any
 
 import click
 import orjson
+from click.core import ParameterSource
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from .dead_letters import rejected_input
@@ -29,7 +38,8 @@ from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
 from .errors import EngineError
 from .retry import RetryPolicy
-from .source import STDIN, Record
+from .sandbox import Sandbox
+from .source import STDIN, Record, decode_line
 from .spool import Checkpoint, Chunk, Spool
 from .summary import Tally
 
@@ -107,16 +117,38 @@ def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--dead-letters", "dead_letters", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("dead-letters.ndjson"), show_default=True,
               help="NDJSON file that receives every input event that could not be delivered, with why.")
-def run_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], dead_letters: Path, **settings: Any) -> None:
+@click.option("--sandbox", "use_sandbox", is_flag=True,
+              help="Deliver to a local Topsort stand-in started for this run (see `segment-topsort sandbox`),"
+                   " instead of --endpoint: a full rehearsal that sends nothing to Topsort.")
+def run_command(
+    files: tuple[str, ...], rule_dirs: tuple[Path, ...], dead_letters: Path, use_sandbox: bool, **settings: Any
+) -> None:
     """Map NDJSON Segment events (files, or - for stdin) and deliver them to Topsort.
 
     Events wait in the spool until Topsort accepts them or they are dead-lettered; run again
     with the same files after a crash or a stop, and it resumes where it stopped.
     """
-    target = _target(dead_letters=dead_letters, **settings)
     engine = _engine(rule_dirs)
     names = list({name if name == STDIN else str(Path(name).resolve()): name for name in files or (STDIN,)}.values())
-    _deliver("run", engine, target, lambda spool: [_open_input(name, spool) for name in names])
+
+    def inputs(spool: Spool) -> list[_Input]:
+        return [_open_input(name, spool) for name in names]
+
+    if not use_sandbox:
+        _deliver("run", engine, _target(dead_letters=dead_letters, **settings), inputs)
+        return
+    if settings.get("endpoint"):
+        raise click.UsageError("--sandbox and --endpoint exclude each other")
+    key = secrets.token_urlsafe(24)
+    spool_given = click.get_current_context().get_parameter_source("spool_path") != ParameterSource.DEFAULT
+    with Sandbox(api_key=key) as sandbox, tempfile.TemporaryDirectory() as scratch:
+        # a rehearsal starts afresh each time, unless asked to keep a spool
+        settings.update(endpoint=sandbox.url, api_key_file=None)
+        if not spool_given:
+            settings["spool_path"] = Path(scratch) / "rehearsal.spool"
+        _deliver("run", engine, _target(dead_letters=dead_letters, api_key=key, **settings), inputs)
+        accepted = sandbox.store.stats()["events_accepted"]
+        stderr.print(f"The sandbox at {sandbox.url} accepted {accepted:,} Topsort event(s); it stops with this run.")
 
 
 @click.command("replay")
@@ -274,7 +306,7 @@ def _records(
     for number, raw, checkpoint in lines:
         raw = raw.strip()
         if raw:
-            yield _decode(origin, number, raw), checkpoint
+            yield decode_line(origin, number, raw), checkpoint
 
 
 def _revived(letters: Iterable[tuple[Record, Checkpoint | None]]) -> Iterator[tuple[Record, Checkpoint | None]]:
@@ -289,14 +321,7 @@ def _revived(letters: Iterable[tuple[Record, Checkpoint | None]]) -> Iterator[tu
         if "event" in data:
             yield Record(origin, line, orjson.dumps(data["event"]), event=data["event"]), checkpoint
         else:
-            yield _decode(origin, line, str(data["raw"]).encode()), checkpoint
-
-
-def _decode(origin: str, line: int, raw: bytes) -> Record:
-    try:
-        return Record(origin, line, raw, event=orjson.loads(raw))
-    except orjson.JSONDecodeError as exc:
-        return Record(origin, line, raw, error=f"{origin}:{line}: not valid JSON: {exc}")
+            yield decode_line(origin, line, str(data["raw"]).encode()), checkpoint
 
 
 def _stdin_at_hand() -> bool:
@@ -311,14 +336,15 @@ def _stdin_at_hand() -> bool:
 
 
 def _target(
-    *, endpoint: str | None, api_key_file: Path | None, spool_path: Path, dead_letters: Path, **tuning: Any
+    *, endpoint: str | None, api_key_file: Path | None, spool_path: Path, dead_letters: Path,
+    api_key: str | None = None, **tuning: Any,
 ) -> _Target:
-    if api_key_file:
+    if not api_key and api_key_file:
         try:
             api_key = api_key_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise click.UsageError(f"cannot read the API key from {api_key_file}: {exc}") from None
-    else:
+    elif not api_key:
         api_key = os.environ.get("TOPSORT_API_KEY", "").strip()
     if not endpoint or not api_key:
         raise click.UsageError(_NO_TARGET)

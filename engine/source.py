@@ -35,12 +35,16 @@ def read_records(sources: Iterable[str | Path]) -> Iterator[Record]:
                 yield from _read_stream(stream, name)
 
 
+def decode_line(origin: str, line: int, raw: bytes) -> Record:
+    """The record of one (stripped, non-blank) input line."""
+    try:
+        return Record(origin, line, raw, event=orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        return Record(origin, line, raw, error=f"{origin}:{line}: not valid JSON: {exc}")
+
+
 def _read_stream(stream: BinaryIO, origin: str) -> Iterator[Record]:
     for number, raw in enumerate(stream, start=1):
         raw = raw.strip()
-        if not raw:
-            continue
-        try:
-            yield Record(origin, number, raw, event=orjson.loads(raw))
-        except orjson.JSONDecodeError as exc:
-            yield Record(origin, number, raw, error=f"{origin}:{number}: not valid JSON: {exc}")
+        if raw:
+            yield decode_line(origin, number, raw)

@@ -80,3 +80,22 @@ def test_python_dash_m_engine_and_help() -> None:
     assert result.returncode == 0
     for command in ("check", "test", "map", "explain"):
         assert command in result.stdout.decode()
+
+
+def test_run_with_sandbox_rehearses_end_to_end(tmp_path: Path) -> None:
+    dead = tmp_path / "dead-letters.ndjson"
+    for _ in range(2):  # a rehearsal starts afresh each time
+        result = run_cli("run", str(ROOT / EXAMPLES), "--sandbox", "--dead-letters", str(dead), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr.decode()
+        err = result.stderr.decode()
+        assert "accepted 67 Topsort event(s)" in err
+        assert "events read" in err and "delivered" in err
+    kept = ndjson(dead.read_bytes())
+    assert [(k["stage"], k["line"]) for k in kept] == [("map", 9), ("decode", 10), ("map", 12)] * 2
+
+
+def test_run_without_endpoint_or_key_points_at_map_and_the_sandbox() -> None:
+    result = run_cli("run", EXAMPLES)
+    assert result.returncode == 2
+    err = " ".join(result.stderr.decode().split())
+    assert "segment-topsort map" in err and "segment-topsort sandbox" in err
