@@ -84,6 +84,8 @@ def test_as_datetime(tmp_path: Path) -> None:
     assert engine.outputs({**BASE, "properties": {"at": 1767225600}})[0]["occurredAt"] == "2026-01-01T00:00:00Z"
     outcome = engine.process({**BASE, "properties": {"at": "soon"}})
     assert [(r.path, r.reason) for r in outcome.rejected] == [("$.occurredAt", '"soon" is not a "date-time"')]
+    for odd in ("2026-11-27T23:59:60Z", "0000-01-01T00:00:00Z"):  # leap second, year zero
+        assert [r.path for r in engine.process({**BASE, "properties": {"at": odd}}).rejected] == ["$.occurredAt"]
 
 
 def test_if_makes_a_field_conditional(tmp_path: Path) -> None:
