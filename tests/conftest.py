@@ -7,6 +7,7 @@ jsonschema-rs validator the engine itself uses.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from engine import Engine, Outcome
+from engine.sandbox import Faults, Sandbox
 from engine.topsort_schema import topsort_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,21 @@ class CheckedEngine:
         outcome = self.process(event)
         assert not outcome.rejected, outcome.rejected
         return [e.event for e in outcome.emitted if kind is None or e.kind == kind]
+
+
+@pytest.fixture(scope="module")
+def sandbox_server(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """One sandbox per test module, accepting the module's ``KEY``."""
+    with Sandbox(api_key=request.module.KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def sandbox(sandbox_server: Sandbox) -> Sandbox:
+    """The module's sandbox, emptied and without faults."""
+    sandbox_server.set_faults(Faults(), seed=0)
+    sandbox_server.reset()
+    return sandbox_server
 
 
 @pytest.fixture(scope="session")

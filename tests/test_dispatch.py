@@ -73,19 +73,6 @@ def _stored_ids(sandbox: Sandbox) -> list[str]:
     return [event["id"] for events in sandbox.store.all().values() for event in events]
 
 
-@pytest.fixture(scope="module")
-def _server() -> Iterator[Sandbox]:
-    with Sandbox(api_key=KEY) as sandbox:
-        yield sandbox
-
-
-@pytest.fixture
-def sandbox(_server: Sandbox) -> Sandbox:
-    _server.set_faults(Faults(), seed=1)
-    _server.reset()
-    return _server
-
-
 # -- the happy path ----------------------------------------------------------------------------------
 
 

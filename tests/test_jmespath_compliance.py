@@ -12,6 +12,8 @@ import pytest
 from engine.functions import FUNCTIONS
 from engine.jmespath_compiler import compile_expression
 
+from .jmespath_outcomes import outcome, typed
+
 SUITE = Path(__file__).resolve().parents[1].parent / "shared" / "jmespath-compliance"
 EXPECTED_CASES = 908
 
@@ -30,26 +32,6 @@ CASES = _load_cases() if SUITE.is_dir() else []
 needs_suite = pytest.mark.skipif(
     not SUITE.is_dir(), reason=f"JMESPath compliance suite not found at {SUITE}"
 )
-
-
-def typed(value: Any) -> Any:
-    """``value`` with every type and every key order made explicit, so ``1``, ``1.0`` and
-    ``True`` differ, as do ``{"a":…,"b":…}`` and ``{"b":…,"a":…}``."""
-    if isinstance(value, dict):
-        return ("object", [(key, typed(item)) for key, item in value.items()])
-    if isinstance(value, list):
-        return ("array", [typed(item) for item in value])
-    if value is None or isinstance(value, (str, int, float)):
-        return (type(value).__name__, value)
-    return (type(value).__name__,)
-
-
-def outcome(evaluate: Any) -> tuple[str, Any]:
-    """What running ``evaluate()`` gives: its typed result, or its exception's type and text."""
-    try:
-        return ("result", typed(evaluate()))
-    except Exception as error:  # noqa: BLE001 - any exception is an outcome to compare
-        return ("error", (type(error), str(error)))
 
 
 def compiled_outcome(expression: str, document: Any) -> tuple[str, Any]:

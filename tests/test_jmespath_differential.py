@@ -7,7 +7,6 @@ same exception type with the same message.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jmespath
@@ -17,6 +16,8 @@ from hypothesis import strategies as st
 
 from engine.functions import FUNCTIONS, EngineFunctions
 from engine.jmespath_compiler import compile_expression
+
+from .jmespath_outcomes import outcome
 
 KEYS = ["properties", "products", "price", "quantity", "name", "sku", "event", "type", "a", "b"]
 
@@ -133,24 +134,6 @@ RULES = [
 
 OPTIONS = jmespath.Options(custom_functions=FUNCTIONS)
 COMPILED = {expression: compile_expression(expression, FUNCTIONS) for expression in RULES}
-
-
-def typed(value: Any) -> Any:
-    """``value`` with types and key order made explicit (``1``, ``1.0`` and ``True`` differ)."""
-    if isinstance(value, dict):
-        return ("object", [(key, typed(item)) for key, item in value.items()])
-    if isinstance(value, list):
-        return ("array", [typed(item) for item in value])
-    if value is None or isinstance(value, (str, int, float)):
-        return (type(value).__name__, value)
-    return (type(value).__name__,)
-
-
-def outcome(evaluate: Callable[[], Any]) -> tuple[str, Any]:
-    try:
-        return ("result", typed(evaluate()))
-    except Exception as error:  # noqa: BLE001 - any exception is an outcome to compare
-        return ("error", (type(error), str(error)))
 
 
 def assert_same(

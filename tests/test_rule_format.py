@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from engine import Engine
 
 from .conftest import CheckedEngine, run_cli

@@ -27,23 +27,9 @@ def _purchase(event_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def _server() -> Iterator[Sandbox]:
-    with Sandbox(api_key=KEY) as sandbox:
-        yield sandbox
-
-
-@pytest.fixture(scope="module")
-def _client(_server: Sandbox) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=_server.url, timeout=5) as client:
+def _client(sandbox_server: Sandbox) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sandbox_server.url, timeout=5) as client:
         yield client
-
-
-@pytest.fixture
-def sandbox(_server: Sandbox) -> Sandbox:
-    """The module's sandbox, emptied and without faults."""
-    _server.set_faults(Faults(), seed=0)
-    _server.reset()
-    return _server
 
 
 @pytest.fixture
