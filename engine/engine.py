@@ -88,7 +88,11 @@ def _item_prefix(rule: Rule, output: Output) -> str:
 
 
 def _apply(rule: Rule, event: dict[str, Any], emitted: list[Emitted], rejected: list[Rejection]) -> None:
+    is_valid = rule.validator.is_valid
     for output in rule.outputs(event):
+        if output.error is None and is_valid(output.event):  # the common case, without a verdict to build
+            emitted.append(Emitted(rule.kind, rule.name, output.event))
+            continue
         made, refused = judge(rule, output)
         if made is not None:
             emitted.append(made)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Kind = Literal["impressions", "clicks", "purchases", "pageviews"]
 KINDS: tuple[Kind, ...] = ("impressions", "clicks", "purchases", "pageviews")
 """The Topsort event kinds, named as the arrays of a ``POST /v2/events`` body."""
 
 
-@dataclass(frozen=True, slots=True)
-class Emitted:
-    """One Topsort event a rule made, valid against the Topsort schema for its kind."""
+class Emitted(NamedTuple):
+    """One Topsort event a rule made, valid against the Topsort schema for its kind.
+
+    Treat ``event`` as read-only: the items of one fan-out may share nested values.
+    """
 
     kind: Kind
     rule: str
@@ -22,8 +23,7 @@ class Emitted:
         return {"kind": self.kind, "rule": self.rule, "event": self.event}
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(NamedTuple):
     """Why an output (or one item of a fan-out) was not emitted.
 
     ``path`` is a JSON path into the Topsort event that failed (``$`` for the whole input),
@@ -39,8 +39,7 @@ class Rejection:
         return {"rule": self.rule, "path": self.path, "reason": self.reason, "item": self.item}
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The one outcome of one input event. It is *skipped* when no rule wanted it."""
 
     message_id: str | None

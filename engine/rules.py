@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .fields import (
     DEFAULT_ITEM,
@@ -27,8 +26,7 @@ from .yaml_source import Path_
 TRACK = "track"
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(NamedTuple):
     """One output of a rule for one event, before validation; ``item`` is its fan-out index."""
 
     item: int | None
@@ -96,25 +94,25 @@ class Rule:
             raise FieldError("each", f"{self.spec['each']!r} should be a non-empty list, got {got}")
         return elements
 
-    def outputs(self, event: dict[str, Any]) -> Iterator[Output]:
+    def outputs(self, event: dict[str, Any]) -> list[Output]:
         """Map ``event`` (already known to match) to this rule's unvalidated outputs."""
         if self.each is None:
             try:
-                yield Output(None, event=self.build(event))
+                return [Output(None, self.build(event))]
             except FieldError as exc:
-                yield Output(None, error=exc)
-            return
+                return [Output(None, error=exc)]
         try:
             elements = self._elements(event)
             prepared = self.prepare(event)
         except FieldError as exc:
-            yield Output(None, error=exc)
-            return
+            return [Output(None, error=exc)]
+        outputs = []
         for index, context in enumerate(element_contexts(event, self.item, elements)):
             try:
-                yield Output(index, event=self.build(context, prepared))
+                outputs.append(Output(index, self.build(context, prepared)))
             except FieldError as exc:
-                yield Output(index, error=exc)
+                outputs.append(Output(index, error=exc))
+        return outputs
 
 
 def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None, report: Report) -> Rule:

@@ -31,6 +31,8 @@ class OutputValidator:
     def __init__(self, kind: Kind, fanout_arrays: Sequence[tuple[str, ...]] = ()) -> None:
         self._validator = topsort_schema().validator(kind)
         self._arrays = tuple(tuple(path) for path in fanout_arrays)
+        self.is_valid = self._validator.is_valid
+        """Whether an output is valid as it is (the fast check; :meth:`check` says why not)."""
 
     def check(self, output: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Problem]]:
         """The output to emit (None if rejected whole) and the problems found."""
