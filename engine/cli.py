@@ -24,7 +24,7 @@ from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
 from .sandbox import sandbox_command
-from .source import read_records
+from .source import InputError, expand_sources, read_records
 from .summary import Tally
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -93,7 +93,7 @@ def test_command(rule_dirs: tuple[Path, ...]) -> None:
 
 
 @main.command("map")
-@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.argument("files", nargs=-1)
 @rules_option
 @click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path),
               help="Append each rejected input event, with rule, path and reason, to this NDJSON file.")
@@ -101,14 +101,22 @@ def test_command(rule_dirs: tuple[Path, ...]) -> None:
               show_default=True,
               help="requests: Topsort request bodies (at most 50 per array); outcomes: one line per input event.")
 def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str) -> None:
-    """Map NDJSON Segment events (files, or - for stdin) to Topsort events, without sending anything."""
+    """Map Segment events to Topsort events, without sending anything.
+
+    FILES are NDJSON, JSON arrays or batch bodies, gzipped or not; folders (read recursively,
+    e.g. a Segment archive), globs, or - for stdin (the default).
+    """
+    try:
+        sources = expand_sources(files or ("-",))
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
     engine = _engine(rule_dirs)
     tally = Tally()
     out = sys.stdout.buffer
     requests = 0
     batcher: Batcher[dict[str, Any]] = Batcher()
     with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance:
-        for record in read_records(files or ("-",)):
+        for record in read_records(sources):
             outcome = engine.process_record(record)
             tally.add(outcome)
             advance()

@@ -39,16 +39,23 @@ from .engine import Engine
 from .errors import EngineError
 from .retry import RetryPolicy
 from .sandbox import Sandbox
-from .source import STDIN, Record, decode_line
-from .spool import Checkpoint, Chunk, Spool
+from .source import (
+    STDIN,
+    Checkpoint,
+    InputError,
+    Record,
+    decode_line,
+    expand_sources,
+    read_source,
+    uncompressed_size,
+)
+from .spool import Chunk, Spool
 from .summary import Tally
 
 _CHUNK_RECORDS = 500
 """Input events committed to the spool together (with their checkpoint)."""
 _CHUNK_SECONDS = 0.05
 """Longest time an input event waits before its chunk is committed."""
-_HEAD = 256
-"""Bytes at the start of a file kept in its checkpoint, to recognise it on the next run."""
 
 _NO_TARGET = (
     "run delivers to Topsort, so it needs an endpoint (--endpoint or TOPSORT_ENDPOINT) and an API"
@@ -112,7 +119,7 @@ def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @click.command("run")
-@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.argument("files", nargs=-1)
 @_delivery_options
 @click.option("--dead-letters", "dead_letters", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("dead-letters.ndjson"), show_default=True,
@@ -123,13 +130,20 @@ def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def run_command(
     files: tuple[str, ...], rule_dirs: tuple[Path, ...], dead_letters: Path, use_sandbox: bool, **settings: Any
 ) -> None:
-    """Map NDJSON Segment events (files, or - for stdin) and deliver them to Topsort.
+    """Map Segment events and deliver them to Topsort.
+
+    FILES are NDJSON, JSON arrays or batch bodies, gzipped or not; folders (read recursively,
+    e.g. a Segment archive), globs, or - for stdin (the default).
 
     Events wait in the spool until Topsort accepts them or they are dead-lettered; run again
     with the same files after a crash or a stop, and it resumes where it stopped.
     """
     engine = _engine(rule_dirs)
-    names = list({name if name == STDIN else str(Path(name).resolve()): name for name in files or (STDIN,)}.values())
+    try:
+        sources = expand_sources(files or (STDIN,))
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
+    names = list({name if name == STDIN else str(Path(name).resolve()): name for name in sources}.values())
 
     def inputs(spool: Spool) -> list[_Input]:
         return [_open_input(name, spool) for name in names]
@@ -264,49 +278,24 @@ class _Ingest:
 
 def _open_input(name: str, spool: Spool) -> _Input:
     if name == STDIN:
-        lines = ((number, raw, None) for number, raw in enumerate(sys.stdin.buffer, start=1))
-        return _Input(name, None, _records(name, lines), _stdin_at_hand, None)
+        return _Input(name, None, read_source(name), _stdin_at_hand, None)
     key = str(Path(name).resolve())
     start = spool.checkpoint(key)
-    lines = _file_lines(name, start)
-    return _Input(name, key, _records(name, lines), lambda: True, _todo(Path(name), start))
+    return _Input(name, key, read_source(name, start), lambda: True, _todo(name, start))
 
 
 def _open_replay(path: Path, spool: Spool) -> _Input:
     stat = path.stat()
     key = f"replay:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     start = spool.checkpoint(key)
-    lines = _file_lines(str(path), start)
-    return _Input(str(path), key, _revived(_records(str(path), lines)), lambda: True, _todo(path, start))
+    return _Input(str(path), key, _revived(read_source(str(path), start)), lambda: True, _todo(str(path), start))
 
 
-def _todo(path: Path, start: Checkpoint | None) -> int:
-    size = path.stat().st_size
+def _todo(name: str, start: Checkpoint | None) -> int | None:
+    size = uncompressed_size(name)
+    if size is None:
+        return None
     return size - start.offset if start and start.offset <= size else size
-
-
-def _file_lines(path: str, start: Checkpoint | None) -> Iterator[tuple[int, bytes, Checkpoint | None]]:
-    """Lines of a file with their numbers, from where ``start`` says unless the file is another."""
-    with open(path, "rb") as stream:
-        head = stream.read(_HEAD)
-        size = os.fstat(stream.fileno()).st_size
-        offset = line = 0
-        if start and start.offset <= size and head.startswith(start.head):
-            offset, line = start.offset, start.line
-        stream.seek(offset)
-        for raw in stream:
-            line += 1
-            offset += len(raw)
-            yield line, raw, Checkpoint(offset, line, head[:offset])
-
-
-def _records(
-    origin: str, lines: Iterable[tuple[int, bytes, Checkpoint | None]]
-) -> Iterator[tuple[Record, Checkpoint | None]]:
-    for number, raw, checkpoint in lines:
-        raw = raw.strip()
-        if raw:
-            yield decode_line(origin, number, raw), checkpoint
 
 
 def _revived(letters: Iterable[tuple[Record, Checkpoint | None]]) -> Iterator[tuple[Record, Checkpoint | None]]:

@@ -27,7 +27,7 @@ import orjson
 from .dead_letters import DeadLetterFile, dead_letter
 from .errors import EngineError
 from .outcome import Emitted, Kind
-from .source import Record
+from .source import Checkpoint, Record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inputs (
@@ -65,19 +65,6 @@ CREATE TABLE IF NOT EXISTS exports (
 
 class SpoolError(EngineError):
     """The spool file cannot be used (in use by another run, or not a spool)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """How far a source was read: byte offset just past the last line taken, and its number.
-
-    ``head`` is the source's first bytes (up to a few hundred), to tell the same file, perhaps
-    grown since, from another one put in its place.
-    """
-
-    offset: int
-    line: int
-    head: bytes = b""
 
 
 class Spooled(NamedTuple):
