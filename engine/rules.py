@@ -62,8 +62,13 @@ class Rule:
             return f"type is {kind!r}, the rule wants {' or '.join(sorted(self.types))}"
         if self.events is not None and kind == TRACK and event.get("event") not in self.events:
             return f"event is {event.get('event')!r}, the rule wants {' or '.join(sorted(self.events))}"
-        if self.condition is not None and not self._condition_holds(event):
-            return f"'if' is false: {self.spec['when']['if']}"
+        if self.condition is not None:
+            try:
+                holds = truthy(self.condition(event))
+            except FieldError as exc:
+                return f"'if' failed, so the rule does not take the event: {exc.reason}"
+            if not holds:
+                return f"'if' is false: {self.spec['when']['if']}"
         return None
 
     def _condition_holds(self, event: dict[str, Any]) -> bool:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -27,8 +27,7 @@ _HEAD = 256
 """Bytes at the start of a source kept in its checkpoint, to recognise it on the next run."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One input event: the decoded event, or why it could not be decoded.
 
     ``line`` is the line of an NDJSON source, or the event's position in a JSON document.

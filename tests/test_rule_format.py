@@ -203,3 +203,11 @@ def test_a_failing_inline_test_shows_a_diff(tmp_path: Path) -> None:
     assert 'expected, not found: {"path":"$.id"}' in err
     assert 'found, not expected: {"rule":"r","path":"$.opaqueUserId"' in err
     assert err.strip().splitlines()[-1] == "0 passed, 2 failed"
+
+
+def test_a_failing_when_if_skips_the_event_and_explain_says_why(tmp_path: Path) -> None:
+    engine = engine_with(tmp_path, "", when=", if: lower(properties.kind)")
+    event = {**BASE, "properties": {"kind": 7}}
+    assert engine.process(event).skipped
+    why = engine.engine.rule("r").mismatch(event)
+    assert why.startswith("'if' failed, so the rule does not take the event:") and "lower(properties.kind)" in why
