@@ -20,10 +20,12 @@ from .delivery_cli import replay_command, run_command
 from .engine import Engine
 from .errors import Problem, RulesInvalid
 from .explain import RuleExplanation, explain
+from .kafka import consume_command, produce_command
 from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
 from .sandbox import sandbox_command
+from .serve import serve_command
 from .source import InputError, expand_sources, read_records
 from .summary import Tally
 
@@ -44,6 +46,9 @@ def main() -> None:
 main.add_command(run_command)
 main.add_command(replay_command)
 main.add_command(sandbox_command, "sandbox")
+main.add_command(consume_command)
+main.add_command(produce_command)
+main.add_command(serve_command, "serve")
 
 
 @main.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": []})
