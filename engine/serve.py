@@ -61,7 +61,7 @@ from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
 from .errors import EngineError, RulesInvalid
-from .loader import RuleSet, check_rules
+from .loader import RULE_FILE_SUFFIXES, RuleSet, check_rules
 from .outcome import Outcome
 from .paths import BUNDLED_RULES
 from .retry import RetryPolicy
@@ -106,6 +106,8 @@ class ServeSettings:
     dedupe_size: int = 100_000
     dedupe_seconds: float = 24 * 3600.0
     drain_timeout: float = 10.0
+    watch_rules: float = 0.0
+    """Seconds between two looks at the rule files, reloading them when they changed; 0: only on SIGHUP."""
     max_in_flight: int = 8
     max_latency: float = 1.0
     timeout: float = 10.0
@@ -135,6 +137,7 @@ class Receiver:
         self._engine = Engine.from_folders(*settings.rule_dirs)
         self.metrics.rules_loaded(self._engine.rules)
         self._reload_lock = threading.Lock()
+        self._closing = threading.Event()
         self._dedupe = _Deduper(settings.dedupe_size, settings.dedupe_seconds)
         self._delivery = _Delivery(settings, self.metrics, on_failure)
         self._requests = 0
@@ -158,10 +161,14 @@ class Receiver:
         return self._delivery.unsent
 
     def start(self) -> None:
+        """Open the spool, start delivering and, if asked, watching the rule files."""
         self._delivery.start()
+        if self.settings.watch_rules > 0:
+            threading.Thread(target=self._watch_rules, name="segment-topsort-watch", daemon=True).start()
 
     def close(self) -> None:
         """Deliver what is left (for up to ``drain_timeout`` seconds) and close the spool."""
+        self._closing.set()
         self._delivery.close()
 
     @property
@@ -187,6 +194,15 @@ class Receiver:
             self.metrics.count("rule_reloads", ("ok",))
             log.info("rules reloaded: %d rule(s), %d enabled", len(rules), sum(r.enabled for r in rules))
             return True
+
+    def _watch_rules(self) -> None:
+        folders = self.settings.rule_dirs or (BUNDLED_RULES,)
+        seen = _rule_files_state(folders)
+        while not self._closing.wait(self.settings.watch_rules):
+            state = _rule_files_state(folders)
+            if state != seen:
+                seen = state
+                self.reload_rules()
 
     # -- endpoints --
 
@@ -281,8 +297,8 @@ class Receiver:
                                    {"Retry-After": str(self.settings.retry_after)}) from None
                 raise
         self.metrics.tally(mapped.tally)
-        return _json(200, {"success": True, "accepted": len(events) - mapped.duplicates,
-                           "duplicates": mapped.duplicates})
+        duplicates = mapped.tally.outcomes["duplicate"]
+        return _json(200, {"success": True, "accepted": len(events) - duplicates, "duplicates": duplicates})
 
     def _refuse_if_full(self) -> None:
         failure = self._delivery.failure
@@ -316,7 +332,7 @@ class Receiver:
             if outcome.rejected:
                 chunk.dead_letter(rejected_input(record, outcome))
             chunk.add(record, outcome.emitted)
-        return _Mapped(chunk, received, claimed, tally.outcomes["duplicate"], tally)
+        return _Mapped(chunk, received, claimed, tally)
 
 
 @dataclass(slots=True)
@@ -346,8 +362,22 @@ class _Mapped:
     chunk: Chunk
     received: float
     claimed: list[str]
-    duplicates: int
     tally: _Tally
+
+
+def _rule_files_state(folders: Sequence[str | Path]) -> list[tuple[str, int, int]]:
+    """Path, size and modification time of each rule file: what editing the rules changes."""
+    state = []
+    for folder in map(Path, folders):
+        files = [folder] if folder.is_file() else sorted(folder.rglob("*"))
+        for file in files:
+            try:
+                stat = file.stat()
+            except OSError:  # gone since listed
+                continue
+            if file.suffix in RULE_FILE_SUFFIXES:
+                state.append((str(file), stat.st_size, stat.st_mtime_ns))
+    return state
 
 
 def _parse(body: bytes) -> Any:
@@ -861,6 +891,8 @@ def _listen(host: str, port: int) -> socket.socket:
               help="Remember this many recent messageIds to drop repeats (0: off).")
 @click.option("--dedupe-seconds", type=click.FloatRange(min=0), default=86_400.0, show_default=True,
               help="Forget a messageId after this many seconds.")
+@click.option("--watch-rules", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+              help="Also reload the rules when their files change, looking every SECONDS (0: only on SIGHUP).")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On stop, seconds to wait for requests in flight and for the spool to empty.")
 @click.option("--max-in-flight", type=click.IntRange(1, 64), default=8, show_default=True,

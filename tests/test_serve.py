@@ -276,6 +276,20 @@ def test_reload_with_bad_rules_keeps_the_old_ones(serving, sandbox: Sandbox, tmp
     assert arrived(sandbox) == Counter({"h-1": 1})  # h-2 met the new rules, which skip it
 
 
+def test_rules_reload_when_their_files_change(serving, sandbox: Sandbox, tmp_path: Path) -> None:
+    mine = tmp_path / "my-rules"
+    mine.mkdir()
+    with serving(rule_dirs=(ROOT / "rules", mine), watch_rules=0.02) as server:
+        receiver = server.receiver
+        before = receiver.engine
+        shutil.copy(ROOT / "tests/data/broken_rules/c_jmespath.yaml", mine / "broken.yaml")
+        _eventually(lambda: 'rule_reloads_total{result="failed"}' in receiver.metrics.render({}))
+        assert receiver.engine is before
+        (mine / "broken.yaml").unlink()
+        (mine / "off.yaml").write_text("rules:\n  - {name: product-viewed, enabled: false}\n")
+        _eventually(lambda: not receiver.engine.rule("product-viewed").enabled)
+
+
 def test_command_reloads_on_sighup_and_drains_on_sigterm(sandbox: Sandbox, tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     shutil.copytree(ROOT / "rules", rules)
