@@ -472,7 +472,7 @@ class _Deduper:
 class _Batch(Chunk):
     """Chunks of several requests, committed together; each request waits on its future."""
 
-    acks: list[tuple[Future[None], float]] = field(default_factory=list)
+    acks: list[Future[None]] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)
     """When each input arrived, for the delivery latency."""
 
@@ -490,15 +490,14 @@ class _AckingSpool(Spool):
         try:
             super().commit(chunk)
         except BaseException as exc:
-            for ack, _ in acks:
+            for ack in acks:
                 ack.set_exception(ServeError(f"the spool refused the events: {exc}"))
             raise
         if isinstance(chunk, _Batch) and len(self._arrived) < _TRACKED_LATENCIES:
-            received = iter(chunk.arrivals)
-            for (_, emitted), arrived in zip(chunk.inputs, received, strict=True):
+            for (_, emitted), arrived in zip(chunk.inputs, chunk.arrivals, strict=True):
                 for e in emitted:
                     self._arrived[(e.kind, str(e.event["id"]))] = arrived
-        for ack, _ in acks:
+        for ack in acks:
             ack.set_result(None)
 
     def settle(self, delivered: Sequence[Spooled], failed: Sequence[tuple[Spooled, dict[str, Any]]]) -> int:
@@ -553,6 +552,7 @@ class _Delivery:
     def submit(self, chunk: Chunk, received: float) -> Future[None]:
         """Queue a request's chunk for the spool; the future is done once it is committed."""
         ack: Future[None] = Future()
+        ack.set_running_or_notify_cancel()  # a request given up while waiting cannot cancel the commit
         with self._waiting_lock:
             if self._closing or self.failure is not None:
                 ack.set_exception(ServeError("the receiver is stopping; retry later"))
@@ -612,7 +612,7 @@ class _Delivery:
                 chunk, received, ack = item
                 batch.inputs.extend(chunk.inputs)
                 batch.dead_letters.extend(chunk.dead_letters)
-                batch.acks.append((ack, received))
+                batch.acks.append(ack)
                 batch.arrivals.extend([received] * len(chunk.inputs))
                 if len(batch.inputs) >= _MERGE_INPUTS or self._queue.empty():
                     break
@@ -625,7 +625,7 @@ class _Delivery:
             if stop:
                 break
         if last is not None:
-            for ack, _ in last.acks:
+            for ack in last.acks:
                 ack.exception()  # waits until the last chunk is committed (or refused)
         deadline = time.monotonic() + self._settings.drain_timeout
         while self.unsent and time.monotonic() < deadline and self.failure is None:
