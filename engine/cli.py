@@ -20,6 +20,7 @@ from .delivery_cli import replay_command, run_command
 from .engine import Engine
 from .errors import Problem, RulesInvalid
 from .explain import RuleExplanation, explain
+from .kafka import consume_command, produce_command
 from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
@@ -45,6 +46,8 @@ def main() -> None:
 main.add_command(run_command)
 main.add_command(replay_command)
 main.add_command(sandbox_command, "sandbox")
+main.add_command(consume_command)
+main.add_command(produce_command)
 main.add_command(serve_command, "serve")
 
 

@@ -16,7 +16,7 @@ is settled, the input is dropped, with one ``deliver`` dead letter if any of its
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,11 +100,20 @@ class Chunk:
         self.checkpoints[source] = checkpoint
 
 
-class Spool:
-    """A spool file, held exclusively by one process while open."""
+Settled = Callable[[list[tuple[str | None, int | None]]], None]
+"""Told the ``(origin, line)`` of the inputs that left the spool in one settlement."""
 
-    def __init__(self, path: str | Path) -> None:
+
+class Spool:
+    """A spool file, held exclusively by one process while open.
+
+    ``on_settled``, when given, is called after each settlement that made inputs leave the
+    spool (every event delivered, or the input dead-lettered), with their origin and line.
+    """
+
+    def __init__(self, path: str | Path, *, on_settled: Settled | None = None) -> None:
         self.path = Path(path)
+        self._on_settled = on_settled
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         try:
@@ -194,6 +203,7 @@ class Spool:
             return 0
         touched = orjson.dumps(sorted({s.input_id for s in (*delivered, *(f for f, _ in failed))}))
         with self._transaction():
+            before = self._positions(touched) if self._on_settled else {}
             self._db.execute(
                 "DELETE FROM pending WHERE seq IN (SELECT value FROM json_each(?))",
                 (orjson.dumps([s.seq for s in delivered]),),
@@ -208,8 +218,17 @@ class Spool:
                 (touched,),
             )
             made = self._dead_letter_settled(touched)
+            left = [before[i] for i in before.keys() - self._positions(touched).keys()]
         self.unsent -= len(delivered) + len(failed)
+        if left and self._on_settled:
+            self._on_settled(left)
         return made
+
+    def _positions(self, ids: bytes) -> dict[int, tuple[str | None, int | None]]:
+        rows = self._db.execute(
+            "SELECT id, origin, line FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (ids,)
+        )
+        return {input_id: (origin, line) for input_id, origin, line in rows}
 
     def _dead_letter_settled(self, touched: bytes) -> int:
         done = self._db.execute(
@@ -267,6 +286,19 @@ class Spool:
         with self._transaction():
             self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (records[-1][0],))
             self._db.execute("UPDATE exports SET started_at_size = NULL WHERE path = ?", (key,))
+        return len(records)
+
+    def take_dead_letters(self, sink: Callable[[list[dict[str, Any]]], None]) -> int:
+        """Hand the dead letters kept so far to ``sink``, and drop them once it returned.
+
+        For a sink other than a file (a Kafka topic): if ``sink`` raises, they stay for next time.
+        """
+        records = self._db.execute("SELECT id, record FROM dead_letters ORDER BY id").fetchall()
+        if not records:
+            return 0
+        sink([orjson.loads(record) for _, record in records])
+        with self._transaction():
+            self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (records[-1][0],))
         return len(records)
 
     # -- helpers --------------------------------------------------------------------------------
