@@ -25,6 +25,8 @@ STDIN = "-"
 _GZIP_MAGIC = b"\x1f\x8b"
 _HEAD = 256
 """Bytes at the start of a source kept in its checkpoint, to recognise it on the next run."""
+_DOCUMENT_LIMIT = 64 * 1024 * 1024
+"""The largest JSON document read whole; a larger source is NDJSON."""
 
 
 class Record(NamedTuple):
@@ -141,39 +143,52 @@ def _open(name: str) -> BinaryIO:
 def _read(
     origin: str, stream: BinaryIO, first: bytes, head: bytes, start: Checkpoint | None
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
-    if _is_document(first):
-        yield from _document(origin, first + stream.read(), head, start)
-    else:
-        yield from _ndjson(origin, stream, first, head, start)
+    """A JSON document when the source parses as one, else NDJSON, line by line.
 
-
-def _is_document(first: bytes) -> bool:
-    """A JSON document (not NDJSON): it opens an array, or its first line is not a whole value."""
+    Only a source that opens an array, or whose first line is not a whole JSON value (a
+    pretty-printed object), is tried as a document; one that fails to parse then (a broken
+    first line of NDJSON) is read line by line after all. A document is read whole, up to
+    ``_DOCUMENT_LIMIT``; anything larger is NDJSON, and streams.
+    """
     text = first.strip()
-    if text.startswith(b"["):
-        return True
-    if not text.startswith(b"{"):
-        return False
+    lines: Iterable[bytes] = _chain([first], stream)
+    if text.startswith(b"[") or (text.startswith(b"{") and not _parses(text)):
+        rest = stream.read(_DOCUMENT_LIMIT)
+        data = first + rest
+        if len(rest) < _DOCUMENT_LIMIT:
+            try:
+                document = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                if text.startswith(b"["):
+                    error = f"{origin}: not a valid JSON document: {exc}"
+                    yield Record(origin, 1, data[:2048], error=error), _checkpoint(origin, len(data), 1, head)
+                    return
+            else:
+                yield from _document(origin, document, len(data), head, start)
+                return
+        lines = _lines_after(data, stream)
+    yield from _ndjson(origin, stream, lines, head, start)
+
+
+def _parses(text: bytes) -> bool:
     try:
         orjson.loads(text)
     except orjson.JSONDecodeError:
-        return True
-    return False
+        return False
+    return True
 
 
 def _ndjson(
-    origin: str, stream: BinaryIO, first: bytes, head: bytes, start: Checkpoint | None
+    origin: str, stream: BinaryIO, lines: Iterable[bytes], head: bytes, start: Checkpoint | None
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
-    keep = origin != STDIN
     offset = line = 0
-    lines: Iterable[bytes] = [first]
     if start is not None and start.offset > 0:
         stream.seek(start.offset)
-        offset, line, lines = start.offset, start.line, ()
-    for raw in _chain(lines, stream):
+        offset, line, lines = start.offset, start.line, stream
+    for raw in lines:
         line += 1
         offset += len(raw)
-        checkpoint = Checkpoint(offset, line, head[:offset]) if keep else None
+        checkpoint = _checkpoint(origin, offset, line, head[:offset])
         raw = raw.strip()
         if not raw:
             continue
@@ -187,24 +202,29 @@ def _ndjson(
 
 
 def _document(
-    origin: str, data: bytes, head: bytes, start: Checkpoint | None
+    origin: str, document: Any, size: int, head: bytes, start: Checkpoint | None
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
-    keep = origin != STDIN
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        error = f"{origin}: not a valid JSON document: {exc}"
-        yield Record(origin, 1, data[:2048], error=error), Checkpoint(len(data), 1, head) if keep else None
-        return
     events = _batch(document)
     if events is None:
         events = document if isinstance(document, list) else [document]
     taken = start.line if start is not None else 0
     for number, event in enumerate(events, start=1):
-        if number <= taken:
-            continue
-        offset = len(data) if number == len(events) else 0
-        yield Record(origin, number, orjson.dumps(event), event=event), Checkpoint(offset, number, head) if keep else None
+        if number > taken:
+            offset = size if number == len(events) else 0
+            yield Record(origin, number, orjson.dumps(event), event=event), _checkpoint(origin, offset, number, head)
+
+
+def _checkpoint(origin: str, offset: int, line: int, head: bytes) -> Checkpoint | None:
+    return None if origin == STDIN else Checkpoint(offset, line, head)
+
+
+def _lines_after(prefix: bytes, stream: BinaryIO) -> Iterator[bytes]:
+    """The lines of ``prefix`` (already read) and then of the rest of ``stream``."""
+    lines = prefix.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):
+        lines[-1] += stream.readline()
+    yield from lines
+    yield from stream
 
 
 def _batch(value: Any) -> list[Any] | None:

@@ -127,3 +127,20 @@ def test_a_large_gzipped_archive_streams_in_constant_memory(tmp_path: Path) -> N
     tracemalloc.stop()
     assert count == 100_000
     assert peak < 4 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for a {path.stat().st_size / 2**20:.1f} MiB archive"
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_broken_first_ndjson_line_is_rejected_alone(tmp_path: Path, compress: bool) -> None:
+    data = b'{"type":"page","messageId":"m-0",\n' + ndjson_bytes([event(1), event(2)])
+    path = tmp_path / "events.ndjson"
+    path.write_bytes(gzip.compress(data) if compress else data)
+    assert ids(path) == [("error", 1), "m-1", "m-2"]
+    taken = list(read_source(str(path)))
+    assert [r.event["messageId"] for r, _ in read_source(str(path), taken[1][1])] == ["m-2"]
+
+
+def test_a_broken_first_line_on_stdin_is_rejected_alone() -> None:
+    result = run_cli("map", "--format", "outcomes", stdin=b'{"type":\n' + ndjson_bytes([event(1)]))
+    assert result.returncode == 0, result.stderr.decode()
+    assert [(l["line"], bool(l["rejected"]), bool(l["emitted"])) for l in ndjson(result.stdout)] == [
+        (1, True, False), (2, False, True)]
