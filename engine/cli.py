@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .batching import Batcher
+from .cli_options import rules_option
 from .dead_letters import DeadLetterFile, rejected_input
 from .delivery_cli import replay_command, run_command
 from .engine import Engine
@@ -30,12 +31,6 @@ from .source import InputError, expand_sources, read_records
 from .summary import Tally
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-
-rules_option = click.option(
-    "--rules", "rule_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
-    help="A rules folder (repeatable; later folders override rules of the same name). Default: the bundled rules.",
-)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="segment-topsort")

@@ -33,6 +33,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .cli_options import delivery_tuning, rules_option
 from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
@@ -94,9 +95,7 @@ class _Input:
 
 def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--rules", "rule_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
-                     help="A rules folder (repeatable; later folders override rules of the same name)."
-                          " Default: the bundled rules."),
+        rules_option,
         click.option("--endpoint", envvar="TOPSORT_ENDPOINT", metavar="URL",
                      help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT)."),
         click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -104,14 +103,7 @@ def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--spool", "spool_path", type=click.Path(dir_okay=False, path_type=Path),
                      default=Path("segment-topsort.spool"), show_default=True,
                      help="SQLite file holding events between mapping and delivery, and how far each file was read."),
-        click.option("--max-in-flight", type=click.IntRange(1, 64), default=8, show_default=True,
-                     help="Requests sent at once."),
-        click.option("--max-latency", type=click.FloatRange(min=0), default=1.0, show_default=True,
-                     help="Seconds an event may wait for its batch to fill."),
-        click.option("--max-retry-time", type=click.FloatRange(min=0), default=120.0, show_default=True,
-                     help="Seconds a request is retried before its events are dead-lettered."),
-        click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-                     help="Seconds to wait for one answer."),
+        delivery_tuning,
     ]
     for option in reversed(options):
         command = option(command)

@@ -29,9 +29,17 @@ from typing import Any
 import click
 import orjson
 import yaml
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from rich.console import Console
 
+from .cli_options import delivery_tuning, rules_option
 from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
@@ -463,24 +471,19 @@ def _names(partitions: list[TopicPartition]) -> str:
 @click.option("--dead-letter-topic", metavar="TOPIC",
               help="Where rejected and undeliverable events go, as dead-letter records. Default: TOPIC.dead-letters.")
 @_kafka_options
-@click.option("--rules", "rule_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="A rules folder (repeatable). Default: the bundled rules.")
+@rules_option
 @click.option("--endpoint", envvar="TOPSORT_ENDPOINT", required=True, metavar="URL",
               help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT).")
 @click.option("--spool", "spool_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("segment-topsort-consume.spool"), show_default=True,
               help="This worker's own SQLite spool (one per worker; keep it on the worker's disk).")
-@click.option("--max-in-flight", type=click.IntRange(1, 64), default=8, show_default=True, help="Requests sent at once.")
-@click.option("--max-latency", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Seconds an event may wait for its batch to fill.")
-@click.option("--max-retry-time", type=click.FloatRange(min=0), default=120.0, show_default=True,
-              help="Seconds a request is retried before its events are dead-lettered.")
+@delivery_tuning
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds to go on delivering what was read before committing and leaving.")
 def consume_command(
     topic: str, group: str, dead_letter_topic: str | None, config_file: Path | None, bootstrap_servers: str | None,
     rule_dirs: tuple[Path, ...], endpoint: str, spool_path: Path, max_in_flight: int, max_latency: float,
-    max_retry_time: float, drain_timeout: float,
+    max_retry_time: float, timeout: float, drain_timeout: float,
 ) -> None:
     """Consume Segment events from TOPIC as a member of GROUP and deliver them to Topsort.
 
@@ -510,7 +513,7 @@ def consume_command(
     spool = worker.spool
     dispatcher = Dispatcher(
         spool, endpoint=endpoint, api_key=api_key, max_in_flight=max_in_flight, max_latency=max_latency,
-        policy=RetryPolicy(max_elapsed=max_retry_time),
+        timeout=timeout, policy=RetryPolicy(max_elapsed=max_retry_time),
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, worker.stop)

@@ -57,6 +57,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .cli_options import delivery_tuning, rules_option
 from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
@@ -871,9 +872,7 @@ def _listen(host: str, port: int) -> socket.socket:
               help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT).")
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File holding the Topsort API key (default: the TOPSORT_API_KEY environment variable).")
-@click.option("--rules", "rule_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="A rules folder (repeatable; later folders override rules of the same name)."
-                   " Default: the bundled rules. Reloaded on SIGHUP.")
+@rules_option
 @click.option("--spool", "spool_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("segment-topsort-serve.spool"), show_default=True,
               help="SQLite file holding received events until Topsort accepts them.")
@@ -895,14 +894,7 @@ def _listen(host: str, port: int) -> socket.socket:
               help="Also reload the rules when their files change, looking every SECONDS (0: only on SIGHUP).")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On stop, seconds to wait for requests in flight and for the spool to empty.")
-@click.option("--max-in-flight", type=click.IntRange(1, 64), default=8, show_default=True,
-              help="Requests to Topsort at once.")
-@click.option("--max-latency", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Seconds an event may wait for its batch to fill.")
-@click.option("--max-retry-time", type=click.FloatRange(min=0), default=120.0, show_default=True,
-              help="Seconds a request to Topsort is retried before its events are dead-lettered.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Seconds to wait for Topsort's answer.")
+@delivery_tuning
 def serve_command(
     host: str, port: int, endpoint: str, api_key_file: Path | None, rule_dirs: tuple[Path, ...],
     spool_path: Path, dead_letters: Path, write_keys: tuple[str, ...], max_retry_time: float, **tuning: Any,
