@@ -50,6 +50,13 @@ class Outcome(NamedTuple):
     def skipped(self) -> bool:
         return not self.emitted and not self.rejected
 
+    @property
+    def verdict(self) -> str:
+        """``emitted``, ``partly rejected`` (a fan-out kept some items), ``rejected`` or ``skipped``."""
+        if self.rejected:
+            return "partly rejected" if self.emitted else "rejected"
+        return "emitted" if self.emitted else "skipped"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "messageId": self.message_id,

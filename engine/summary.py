@@ -24,13 +24,10 @@ class Tally:
         return sum(self.events.values())
 
     def add(self, outcome: Outcome) -> None:
-        if outcome.rejected:
-            self.events["partly rejected" if outcome.emitted else "rejected"] += 1
-            for rejection in outcome.rejected:
-                reason = rejection.reason.split(": ")[-1] if rejection.rule is not None else "not valid JSON"
-                self.reasons[(rejection.rule or "(input)", f"{rejection.path} {reason}")] += 1
-        else:
-            self.events["emitted" if outcome.emitted else "skipped"] += 1
+        self.events[outcome.verdict] += 1
+        for rejection in outcome.rejected:
+            reason = rejection.reason.split(": ")[-1] if rejection.rule is not None else "not valid JSON"
+            self.reasons[(rejection.rule or "(input)", f"{rejection.path} {reason}")] += 1
         for emitted in outcome.emitted:
             self.emitted[emitted.kind] += 1
 

@@ -59,6 +59,9 @@ def _one_outcome(value: Any) -> Outcome:
     outcome = ENGINE.process(value)  # also checks every emitted event against the reference validator
     assert isinstance(outcome, Outcome)
     assert outcome.skipped == (not outcome.emitted and not outcome.rejected)
+    assert outcome.verdict == {(True, False): "emitted", (True, True): "partly rejected",
+                               (False, True): "rejected", (False, False): "skipped"}[
+        (bool(outcome.emitted), bool(outcome.rejected))]
     for rejection in outcome.rejected:
         assert rejection.path.startswith("$") and rejection.reason
     return outcome
