@@ -28,9 +28,7 @@ import asyncio
 import hmac
 import os
 import random
-import socket
 import threading
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .http_server import ServerStartError, listen, start_in_thread
 from .outcome import KINDS
 from .paths import TOPSORT_SCHEMA
 
@@ -244,17 +243,9 @@ class Sandbox:
         self.store.reset()
 
     def __enter__(self) -> Sandbox:
-        sock = self._bind()
+        sock, self.url = listen(*self._address)
         self._server = _server(self._service.app, log_config=None)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="topsort-sandbox", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the sandbox server did not start; see the log above")
-            time.sleep(0.005)
+        self._thread = start_in_thread(self._server, sock, "topsort-sandbox")
         return self
 
     def __exit__(
@@ -267,31 +258,12 @@ class Sandbox:
 
     def serve_forever(self) -> None:
         """Serve in this thread until interrupted (Ctrl-C or SIGTERM); prints the URL first."""
-        sock = self._bind()
+        sock, self.url = listen(*self._address)
         click.echo(f"Topsort sandbox on {self.url}: POST /v2/events; GET /_sandbox/events, /_sandbox/stats")
         try:
             _server(self._service.app).run(sockets=[sock])
         finally:
             self.store.close()
-
-    def _bind(self) -> socket.socket:
-        host, port = self._address
-        sock = None
-        try:
-            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-            # proto must be IPPROTO_TCP, or asyncio leaves Nagle on and split answers wait ~40 ms
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except OSError as exc:
-            if sock:
-                sock.close()
-            raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        bound_host, bound_port = sock.getsockname()[:2]
-        if family == socket.AF_INET6:
-            bound_host = f"[{bound_host}]"
-        self.url = f"http://{bound_host}:{bound_port}"
-        return sock
 
 
 # --- the ASGI application --------------------------------------------------------------------------
@@ -561,5 +533,5 @@ def sandbox_command(
             api_key, faults=faults, seed=seed, poison_prefix=poison_prefix, store_file=store_file, host=host, port=port
         )
         sandbox.serve_forever()
-    except (ValueError, RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError, ServerStartError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -36,7 +36,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -57,6 +56,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .http_server import ServerStartError, listen, start_in_thread
 from .cli_options import delivery_tuning, rules_option
 from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
@@ -656,9 +656,7 @@ class Server:
         self.url = ""
 
     def __enter__(self) -> Self:
-        sock = _listen(*self._address)
-        host, port = sock.getsockname()[:2]
-        self.url = f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
+        sock, self.url = listen(*self._address)
         try:
             self.receiver.start()
         except BaseException:
@@ -669,16 +667,11 @@ class Server:
             timeout_graceful_shutdown=self.receiver.settings.drain_timeout,
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="segment-topsort-serve", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.receiver.close()
-                raise ServeError("the HTTP server did not start; see the log above")
-            time.sleep(0.005)
+        try:
+            self._thread = start_in_thread(self._server, sock, "segment-topsort-serve")
+        except ServerStartError:
+            self.receiver.close()
+            raise
         return self
 
     def __exit__(
@@ -715,22 +708,6 @@ class Server:
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         threading.Thread(target=self.receiver.reload_rules, name="segment-topsort-reload", daemon=True).start()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only then, and small answers do not wait
-        sock = socket.socket(family, kind, socket.IPPROTO_TCP)
-    except OSError as exc:
-        raise ServeError(f"cannot listen on {host}:{port}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    return sock
 
 
 # -- the command -----------------------------------------------------------------------------------
