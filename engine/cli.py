@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -17,33 +18,44 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from .batching import Batcher
 from .cli_options import rules_option
 from .dead_letters import DeadLetterFile, rejected_input
-from .delivery_cli import replay_command, run_command
 from .engine import Engine
 from .errors import Problem, RulesInvalid
 from .explain import RuleExplanation, explain
-from .kafka import consume_command, produce_command
 from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
-from .sandbox import sandbox_command
-from .serve import serve_command
 from .source import InputError, expand_sources, read_records
 from .summary import Tally
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Commands whose modules (HTTP servers, Kafka, delivery) are imported only when named,
+    so `check`, `test`, `map` and `explain` start without them."""
+
+    _LAZY = {
+        "run": "engine.delivery_cli:run_command",
+        "replay": "engine.delivery_cli:replay_command",
+        "sandbox": "engine.sandbox:sandbox_command",
+        "serve": "engine.serve:serve_command",
+        "consume": "engine.kafka:consume_command",
+        "produce": "engine.kafka:produce_command",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._LAZY})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self._LAZY:
+            return super().get_command(ctx, name)
+        module, attribute = self._LAZY[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="segment-topsort")
 def main() -> None:
     """Turn Segment events into Topsort ad events with YAML + JMESPath rules."""
-
-
-main.add_command(run_command)
-main.add_command(replay_command)
-main.add_command(sandbox_command, "sandbox")
-main.add_command(consume_command)
-main.add_command(produce_command)
-main.add_command(serve_command, "serve")
 
 
 @main.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": []})
