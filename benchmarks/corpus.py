@@ -154,7 +154,6 @@ class _Maker:
         return self.track(name, properties)
 
     def product_list(self) -> Event:
-        rng = self.rng
         count = self.pick((0, self.between(1, 12), self.between(1, 24), self.between(12, 48)))
         products = [self.product(position, lean=True) for position in range(1, count + 1)]
         properties = {"list_id": f"{self.pick(_CATEGORIES)}-results", "category": self.pick(_CATEGORIES),
@@ -162,7 +161,6 @@ class _Maker:
         return self.track("Product List Viewed", properties)
 
     def order(self) -> Event:
-        rng = self.rng
         items = [self.order_item() for _ in range(self.between(1, 20))]
         total = round(sum(_as_float(item.get("price")) * _as_float(item.get("quantity", 1)) for item in items), 2)
         properties = {
@@ -192,7 +190,6 @@ class _Maker:
 
     def identify(self) -> Event:
         event = self.envelope("identify")
-        rng = self.rng
         event["userId"] = event.get("userId") or f"user-{self.between(1, 10**6)}"
         event["traits"] = {
             "email": f"{self.hex(6)}@example.com", "name": "Ada Lovelace", "plan": self.pick(("free", "pro")),
@@ -281,7 +278,6 @@ class _Maker:
         return context
 
     def context_page(self) -> dict[str, Any]:
-        rng = self.rng
         category = self.pick(_CATEGORIES)
         path = self.pick((f"/c/{category}", f"/p/{self.hex(6)}", "/search", "/", "/cart"))
         search = f"?q={self.pick(_WORDS)}" if path == "/search" else ""

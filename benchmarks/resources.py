@@ -41,7 +41,6 @@ class MapRun:
     peak_rss_mib: float
     seconds: float
     corpus_bytes: int
-    generate_seconds: float
     method: str
 
 
@@ -58,9 +57,7 @@ class LoadTime:
 def map_peak_rss(events: int, seed: int, workdir: Path) -> MapRun:
     """Write ``events`` corpus events to an NDJSON file and stream them through ``segment-topsort map``."""
     corpus = workdir / "corpus.ndjson"
-    start = time.perf_counter()
     size = write_ndjson(corpus, events, seed)
-    generated = time.perf_counter() - start
     command = [sys.executable, "-m", "engine", "map", str(corpus), "--rejects", str(workdir / "rejects.ndjson")]
     start = time.perf_counter()
     if Path(_TIME).exists():
@@ -75,7 +72,7 @@ def map_peak_rss(events: int, seed: int, workdir: Path) -> MapRun:
         tail = done.stderr.decode(errors="replace")[-2000:]
         raise RuntimeError(f"segment-topsort map failed (exit {done.returncode}):\n{tail}")
     corpus.unlink()
-    return MapRun(events, kib / 1024, elapsed, size, generated, method)
+    return MapRun(events, kib / 1024, elapsed, size, method)
 
 
 def rule_load_time(workdir: Path, count: int = 20, runs: int = 5) -> LoadTime:

@@ -132,7 +132,7 @@ class FieldCompiler:
         """
         leaves = []
         for key, spec in fields.items():
-            fn = self._child(key, spec, ypath, (), node, top=True)
+            fn = self._child(key, spec, ypath, (), node)
             if fn is not None:
                 leaves.append(Leaf(key, spec, fn))
         shared = {leaf.path for leaf in leaves if per_item and per_item.isdisjoint(_names(leaf.spec))}
@@ -152,8 +152,7 @@ class FieldCompiler:
         return build, prepare, leaves
 
     def _child(
-        self, key: str, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True,
-        top: bool = False,
+        self, key: str, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True
     ) -> Evaluate | None:
         child = node.child(key)
         if child is None:
@@ -238,7 +237,7 @@ class FieldCompiler:
             opath = (*opath[:-1], opath[-1] + "[]") if opath else opath
         item = spec.get("item", DEFAULT_ITEM)
         produce = self._source(spec, sources[0] if sources else None, ypath, opath, element, item)
-        produce = _finish(produce, spec, self.report, ypath, name)
+        produce = _finish(produce, spec)
         if each is not None:
             produce = _each(compile_expression_at(each, (*ypath, "each"), name, self.report), item, produce)
         if "if" in spec:
@@ -263,7 +262,7 @@ class FieldCompiler:
         return _first(parts) if source == "first" else _merge(parts)
 
 
-def _finish(produce: Evaluate, spec: dict[str, Any], report: Report, ypath: Path_, name: str) -> Evaluate:
+def _finish(produce: Evaluate, spec: dict[str, Any]) -> Evaluate:
     """Apply ``lookup``, ``as`` and ``default``, in that order."""
     steps: list[Evaluate] = []
     if "lookup" in spec:

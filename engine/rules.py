@@ -71,15 +71,14 @@ class Rule:
                 return f"'if' is false: {self.spec['when']['if']}"
         return None
 
-    def _condition_holds(self, event: dict[str, Any]) -> bool:
+    def wants(self, event: dict[str, Any]) -> bool:
+        """The predicate alone (type and event name are the router's job); one that fails is false."""
+        if self.condition is None:
+            return True
         try:
-            return truthy(self.condition(event)) if self.condition else True
+            return truthy(self.condition(event))
         except FieldError:
             return False
-
-    def wants(self, event: dict[str, Any]) -> bool:
-        """The predicate alone (type and event name are the router's job)."""
-        return self.condition is None or self._condition_holds(event)
 
     def contexts(self, event: dict[str, Any]) -> list[tuple[int | None, dict[str, Any]]]:
         """What the fields are evaluated against: the event, or with ``each`` one context per
