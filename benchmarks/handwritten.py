@@ -101,17 +101,17 @@ class HandWritten:
         shared.pop("id", None)
         try:
             _put(shared, "deviceType", _device_type(_obj(event.get("context"))))
-            _concat(event.get("messageId"))
+            prefix = _concat(event.get("messageId"), ":")  # the id of each item is prefix + index
         except _Failed:
             return []
         _put(shared, "channel", to_string(props.get("channel")))
-        message_id = event.get("messageId")
         validator = self._validators["impressions"]
         mapped: list[Mapped] = []
         for index, product in enumerate(products):
             product = _obj(product)
             out = {**shared}
-            _put(out, "id", to_string(_concat(message_id, ":", index)))
+            if prefix is not None:
+                out["id"] = prefix + str(index)
             _put(out, "resolvedBidId", to_string(product.get("resolvedBidId")))
             _put(out, "additionalAttribution", _entity(product.get("additionalAttribution")))
             if validator.is_valid(out):

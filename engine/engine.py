@@ -9,9 +9,8 @@ from .loader import RuleSet, load_rules
 from .outcome import Emitted, Outcome, Rejection
 from .paths import BUNDLED_RULES
 from .routing import Router
-from .rules import Output, Rule
+from .rules import Rule
 from .source import Record
-from .validation import json_path
 
 
 class Engine:
@@ -42,7 +41,7 @@ class Engine:
         rejected: list[Rejection] = []
         for rule in self._router.route(event):
             if rule.wants(event):
-                _apply(rule, event, emitted, rejected)
+                rule.apply(event, emitted, rejected)
         return Outcome(
             message_id if isinstance(message_id, str) else None, tuple(emitted), tuple(rejected)
         )
@@ -59,41 +58,3 @@ class Engine:
             if rule.name == name:
                 return rule
         raise KeyError(name)
-
-
-def apply_rule(rule: Rule, event: dict[str, Any]) -> tuple[list[Emitted], list[Rejection]]:
-    """Map and validate ``event`` with one rule that is known to want it."""
-    emitted: list[Emitted] = []
-    rejected: list[Rejection] = []
-    _apply(rule, event, emitted, rejected)
-    return emitted, rejected
-
-
-def judge(rule: Rule, output: Output) -> tuple[Emitted | None, list[Rejection]]:
-    """Validate one output of ``rule``: what it emits (if anything) and what it rejects."""
-    if output.error is not None:
-        path = "$" if output.error.path == "each" else json_path(output.error.path.split("."))
-        return None, [Rejection(rule.name, path, _item_prefix(rule, output) + output.error.reason, output.item)]
-    valid, problems = rule.validator.check(output.event)
-    rejected = [
-        Rejection(rule.name, path, _item_prefix(rule, output) + reason,
-                  output.item if output.item is not None else nested)
-        for path, reason, nested in problems
-    ]
-    return (Emitted(rule.kind, rule.name, valid) if valid is not None else None), rejected
-
-
-def _item_prefix(rule: Rule, output: Output) -> str:
-    return f"item {output.item} of {rule.spec['each']}: " if output.item is not None else ""
-
-
-def _apply(rule: Rule, event: dict[str, Any], emitted: list[Emitted], rejected: list[Rejection]) -> None:
-    is_valid = rule.validator.is_valid
-    for output in rule.outputs(event):
-        if output.error is None and is_valid(output.event):  # the common case, without a verdict to build
-            emitted.append(Emitted(rule.kind, rule.name, output.event))
-            continue
-        made, refused = judge(rule, output)
-        if made is not None:
-            emitted.append(made)
-        rejected.extend(refused)

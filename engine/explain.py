@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Engine, judge
+from .engine import Engine
 from .fields import FieldError
 from .outcome import Emitted, Rejection
 from .rules import Output, Rule
@@ -54,7 +54,7 @@ def _explain_rule(rule: Rule, event: dict[str, Any]) -> RuleExplanation:
     try:
         contexts = rule.contexts(event)
     except FieldError as exc:
-        _, explanation.rejected = judge(rule, Output(None, error=exc))
+        _, explanation.rejected = rule.judge(Output(None, error=exc))
         return explanation
     for index, context in contexts:
         values = [_value(leaf.path, leaf.spec, leaf.evaluate, context) for leaf in rule.leaves]
@@ -62,7 +62,7 @@ def _explain_rule(rule: Rule, event: dict[str, Any]) -> RuleExplanation:
             output = Output(index, event=rule.build(context))
         except FieldError as exc:
             output = Output(index, error=exc)
-        emitted, rejected = judge(rule, output)
+        emitted, rejected = rule.judge(output)
         explanation.outputs.append(OutputExplanation(index, values, emitted, rejected))
     return explanation
 

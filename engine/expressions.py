@@ -14,7 +14,7 @@ from .functions import FUNCTIONS
 
 Expression = Callable[[Any], Any]
 ExpressionSyntaxError = (jmespath.exceptions.ParseError, jmespath.exceptions.LexerError)
-__all__ = ["Expression", "ExpressionSyntaxError", "JMESPathError", "compile_expression"]
+__all__ = ["Expression", "ExpressionSyntaxError", "JMESPathError", "compile_expression", "resolve_call"]
 
 
 @lru_cache(maxsize=4096)
@@ -27,6 +27,13 @@ def compile_expression(text: str) -> Expression:
     a ``JMESPathError`` for run-time errors such as a wrong argument type.
     """
     return jmespath_compiler.compile_expression(text, FUNCTIONS)
+
+
+@lru_cache(maxsize=256)
+def resolve_call(name: str, count: int) -> Callable[..., Any] | None:
+    """Function ``name`` (built-in or custom) taking ``count`` evaluated arguments, type-checked as
+    JMESPath does; None when JMESPath must dispatch it at run time (unknown, wrong arity)."""
+    return jmespath_compiler.resolve_function(name, count, FUNCTIONS)
 
 
 def function_problems(text: str) -> list[str]:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 from jmespath.exceptions import JMESPathError
 
+from . import codegen
+from .codegen import Emit, Scope, Writer
 from .coercion import COERCIONS
 from .conform import conformer, native_type
 from .expressions import ExpressionSyntaxError, compile_expression, function_problems, referenced_names
@@ -34,13 +37,12 @@ from .topsort_schema import SchemaNode, topsort_schema
 from .yaml_source import Path_
 
 Evaluate = Callable[[Any], Any]
-Build = Callable[..., dict[str, Any]]
-Prepare = Callable[[Any], dict[str, Any]]
 Report = Callable[..., None]
 
 SOURCES = ("from", "const", "first", "merge", "fields")
 SPEC_KEYS = frozenset((*SOURCES, "each", "item", "if", "lookup", "default", "as"))
 DEFAULT_ITEM = "item"
+_LOOKUP_KEYS = (str, int, float, bool)
 
 
 class FieldError(Exception):
@@ -52,13 +54,28 @@ class FieldError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Leaf:
-    """One top-level output field, kept for ``explain``: its path, its spec and its function."""
+class Output(NamedTuple):
+    """One output of a rule for one event, before validation; ``item`` is its fan-out index."""
 
-    path: str
-    spec: Any
-    evaluate: Evaluate
+    item: int | None
+    event: dict[str, Any] | None = None
+    error: FieldError | None = None
+
+
+class Leaf:
+    """One top-level output field, kept for ``explain``: its path, its spec and its code."""
+
+    def __init__(self, path: str, spec: Any, emit: Emit) -> None:
+        self.path = path
+        self.spec = spec
+        self.emit = emit
+
+    @cached_property
+    def evaluate(self) -> Evaluate:
+        """The field's value in a context (the event, or an element context of a fan-out)."""
+        writer = Writer()
+        writer.line(f"return {self.emit(writer, Scope('ctx'))}")
+        return writer.function("leaf", "ctx")
 
 
 def is_spec(value: Any) -> bool:
@@ -72,12 +89,10 @@ def truthy(value: Any) -> bool:
     return not isinstance(value, (str, list, dict)) or bool(value)
 
 
-def compile_expression_at(
-    text: str, ypath: Path_, field: str, report: Report, node: SchemaNode | None = None
-) -> Evaluate:
+def compile_expression_at(text: str, ypath: Path_, field: str, report: Report) -> Evaluate:
     """Compile one expression of a rule file; report syntax and function errors where they are.
 
-    With ``node``, the value is fitted to that place of the Topsort schema in the same call.
+    The function raises :class:`FieldError` (naming ``field``) where the expression fails.
     """
     try:
         compiled = compile_expression(text)
@@ -87,26 +102,123 @@ def compile_expression_at(
         return _nothing
     for problem in function_problems(text):
         report(ypath, f"in {text!r}: {problem}", field=field)
-    fit = conformer(node)
+    failure = _failure(field, text)
 
     def evaluate(context: Any) -> Any:
         try:
             return compiled(context)
         except JMESPathError as exc:
-            raise FieldError(field, f"{text!r} failed: {exc}") from None
+            raise failure(exc) from None
 
-    if fit is None:
-        return evaluate
-    native = native_type(node)
+    return evaluate
 
-    def evaluate_and_fit(context: Any) -> Any:
-        try:
-            value = compiled(context)
-        except JMESPathError as exc:
-            raise FieldError(field, f"{text!r} failed: {exc}") from None
-        return value if value is None or value.__class__ is native else fit(value)
 
-    return evaluate_and_fit
+def expression_at(text: str, ypath: Path_, field: str, report: Report) -> Emit:
+    """Like :func:`compile_expression_at`, as a fragment of generated code."""
+    return fragment(text, compile_expression_at(text, ypath, field, report), field)
+
+
+def fragment(text: str, evaluate: Evaluate, field: str) -> Emit:
+    """The generated code of expression ``text``, compiled to ``evaluate`` for ``field``."""
+    return codegen.expression(text, evaluate, _failure(field, text))
+
+
+def _failure(field: str, text: str) -> Callable[[JMESPathError], FieldError]:
+    return lambda exc: FieldError(field, f"{text!r} failed: {exc}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a generated rule function does with what it maps (see :func:`mapping_function`).
+
+    ``failed`` runs on an event-level FieldError ``_exc`` and must leave; ``item_failed`` on an
+    element's (``_index``); ``made(index)`` on a built event ``_out``; the ``start`` and ``end``
+    lines open and close the function. ``namespace`` holds the names these lines use.
+    """
+
+    parameters: str
+    namespace: dict[str, Any]
+    failed: tuple[str, ...]
+    item_failed: tuple[str, ...]
+    made: Callable[[str], tuple[str, ...]]
+    start: tuple[str, ...] = ()
+    end: tuple[str, ...] = ()
+
+
+OUTPUTS = Target(
+    parameters="ev",
+    namespace={"_Output": Output},
+    failed=("return [_Output(None, None, _exc)]",),
+    item_failed=("_made.append(_Output(_index, None, _exc))",),
+    made=lambda index: (f"_made.append(_Output({index}, _out))",),
+    start=("_made = []",),
+    end=("return _made",),
+)
+"""Return the list of :class:`Output` (a plain list, for ``explain``, tests and tools)."""
+
+
+def mapping_function(
+    target: Target, leaves: list[Leaf], shared: frozenset[str], each: Emit | None, item: str,
+    empty: Callable[[Any], FieldError],
+) -> Callable[..., Any]:
+    """Generate the function mapping an event by a rule's fields, for ``target``.
+
+    With ``each`` (a rule-level fan-out), one output per element: the fields in ``shared`` do not
+    depend on the element and are computed once per event; ``empty(value)`` is the error when
+    ``each`` gives no non-empty list.
+    """
+    writer = Writer({**target.namespace, "_FieldError": FieldError})
+    for line in target.start:
+        writer.line(line)
+    event = Scope("ev")
+    if each is None:
+        with writer.block("try:", always_completes=True):
+            _put_fields(writer, event, leaves, {})
+        _on_error(writer, target.failed)
+        _lines(writer, target.made("None"))
+        _lines(writer, target.end)
+        return writer.function("outputs", target.parameters)
+    with writer.block("try:", always_completes=True):
+        elements = each(writer, event)
+        with writer.block(f"if not isinstance({elements}, list) or not {elements}:"):
+            writer.line(f"raise {writer.bind(empty)}({elements})")
+        once = {leaf.path: leaf.emit(writer, event) for leaf in leaves if leaf.path in shared}
+    _on_error(writer, target.failed)
+    with writer.block(f"for _index, _element in enumerate({elements}):") as body:
+        scope = event.element(writer, item, "_element", "_index", body)
+        with writer.block("try:", always_completes=True):
+            _put_fields(writer, scope, leaves, once)
+        _on_error(writer, (*target.item_failed, "continue"))
+        _lines(writer, target.made("_index"))
+        scope.close(writer)
+    _lines(writer, target.end)
+    return writer.function("outputs", target.parameters)
+
+
+def build_function(leaves: list[Leaf]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The generated function building one Topsort event in a context (raises FieldError)."""
+    writer = Writer()
+    _put_fields(writer, Scope("ctx"), leaves, {})
+    writer.line("return _out")
+    return writer.function("build", "ctx")
+
+
+def _put_fields(writer: Writer, scope: Scope, leaves: list[Leaf], computed: dict[str, str]) -> None:
+    """``_out = {...}``: each field that is neither null nor an empty string, in order."""
+    writer.line("_out = {}")
+    for leaf in leaves:
+        value = computed.get(leaf.path) or leaf.emit(writer, scope)
+        writer.line(f"if {value} is not None and {value} != '': _out[{leaf.path!r}] = {value}")
+
+
+def _on_error(writer: Writer, lines: tuple[str, ...]) -> None:
+    with writer.block("except _FieldError as _exc:"):
+        _lines(writer, lines)
+
+
+def _lines(writer: Writer, lines: tuple[str, ...]) -> None:
+    for line in lines:
+        writer.line(line)
 
 
 class FieldCompiler:
@@ -123,37 +235,23 @@ class FieldCompiler:
 
     def top(
         self, fields: dict[str, Any], ypath: Path_, node: SchemaNode, per_item: frozenset[str] = frozenset()
-    ) -> tuple[Build, Prepare, list[Leaf]]:
-        """The functions building a whole Topsort event, and its top-level leaves.
+    ) -> tuple[list[Leaf], frozenset[str]]:
+        """The top-level fields of a Topsort event, and those among them that are *shared*.
 
         In a fan-out, fields whose expressions name none of ``per_item`` (the element, ``index``,
-        ``@``) are the same for every element: ``prepare(event)`` computes them once per event
-        and ``build(context, prepared)`` reuses them for each element.
+        ``@``) are the same for every element: they are computed once per event.
         """
         leaves = []
         for key, spec in fields.items():
-            fn = self._child(key, spec, ypath, (), node)
-            if fn is not None:
-                leaves.append(Leaf(key, spec, fn))
-        shared = {leaf.path for leaf in leaves if per_item and per_item.isdisjoint(_names(leaf.spec))}
-        plan = tuple((leaf.path, leaf.evaluate, leaf.path in shared) for leaf in leaves)
-
-        def prepare(event: Any) -> dict[str, Any]:
-            return {key: evaluate(event) for key, evaluate, once in plan if once}
-
-        def build(context: Any, prepared: dict[str, Any] | None = None) -> dict[str, Any]:
-            out = {}
-            for key, evaluate, once in plan:
-                value = prepared[key] if once and prepared is not None else evaluate(context)
-                if value is not None and value != "":
-                    out[key] = value
-            return out
-
-        return build, prepare, leaves
+            emit = self._child(key, spec, ypath, (), node)
+            if emit is not None:
+                leaves.append(Leaf(key, spec, emit))
+        shared = frozenset(leaf.path for leaf in leaves if per_item and per_item.isdisjoint(_names(leaf.spec)))
+        return leaves, shared
 
     def _child(
         self, key: str, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True
-    ) -> Evaluate | None:
+    ) -> Emit | None:
         child = node.child(key)
         if child is None:
             self.report((*ypath, key), self._unknown(key, opath, node), field=_dotted((*opath, key)), key=True)
@@ -175,56 +273,50 @@ class FieldCompiler:
 
     def field(
         self, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True
-    ) -> Evaluate:
-        """The function computing one field's value (None when absent)."""
+    ) -> Emit:
+        """The code computing one field's value (None when absent)."""
         if isinstance(spec, str):
-            return compile_expression_at(spec, ypath, _dotted(opath), self.report, node if fit else None)
-        if isinstance(spec, dict) and not is_spec(spec):
+            emit = expression_at(spec, ypath, _dotted(opath), self.report)
+        elif isinstance(spec, dict) and not is_spec(spec):
             return self._object(spec, ypath, opath, node, fit=fit)
-        if not isinstance(spec, dict):
+        elif not isinstance(spec, dict):
             self.report(ypath, f"a field is an expression, a spec or a mapping of fields, not {spec!r}",
                         field=_dotted(opath))
-            return _nothing
-        evaluate = self._spec(spec, ypath, opath, node)
-        fitting = conformer(node) if fit else None
-        if fitting is None:
-            return evaluate
-        native = native_type(node)
-
-        def evaluate_and_fit(context: Any) -> Any:
-            value = evaluate(context)
-            return value if value is None or value.__class__ is native else fitting(value)
-
-        return evaluate_and_fit
+            return _null
+        else:
+            emit = self._spec(spec, ypath, opath, node)
+        return _fitted(emit, node) if fit else emit
 
     def _object(
         self, fields: dict[str, Any], ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True
-    ) -> Evaluate:
+    ) -> Emit:
         if "object" not in node.types and node.types:
             self.report(ypath, f"Topsort {self.kind} {_dotted(opath)} is not an object", field=_dotted(opath))
         entries = []
         for key, spec in fields.items():
-            fn = self._child(key, spec, ypath, opath, node, fit=fit)
-            if fn is not None:
-                entries.append((key, fn))
+            emit = self._child(key, spec, ypath, opath, node, fit=fit)
+            if emit is not None:
+                entries.append((key, emit))
 
-        def build(context: Any) -> dict[str, Any] | None:
-            out = {}
-            for key, evaluate in entries:
-                value = evaluate(context)
-                if value is not None:
-                    out[key] = value
-            return out or None
+        def build(writer: Writer, scope: Scope) -> str:
+            made = writer.local()
+            writer.line(f"{made} = {{}}")
+            for key, emit in entries:
+                value = emit(writer, scope)
+                writer.line(f"if {value} is not None: {made}[{key!r}] = {value}")
+            result = writer.local()
+            writer.line(f"{result} = {made} or None")
+            return result
 
         return build
 
-    def _spec(self, spec: dict[str, Any], ypath: Path_, opath: tuple[str, ...], node: SchemaNode) -> Evaluate:
+    def _spec(self, spec: dict[str, Any], ypath: Path_, opath: tuple[str, ...], node: SchemaNode) -> Emit:
         sources = [key for key in SOURCES if key in spec]
         name = _dotted(opath)
         if len(sources) > 1 or (not sources and "each" not in spec):
             found = f" (found {', '.join(sources)})" if sources else ""
             self.report(ypath, f"a spec needs exactly one of {', '.join(SOURCES)}{found}", field=name)
-            return _nothing
+            return _null
         each = spec.get("each")
         element = node
         if each is not None:
@@ -239,21 +331,21 @@ class FieldCompiler:
         produce = self._source(spec, sources[0] if sources else None, ypath, opath, element, item)
         produce = _finish(produce, spec)
         if each is not None:
-            produce = _each(compile_expression_at(each, (*ypath, "each"), name, self.report), item, produce)
+            produce = _each(expression_at(each, (*ypath, "each"), name, self.report), item, produce)
         if "if" in spec:
-            produce = _guarded(compile_expression_at(spec["if"], (*ypath, "if"), name, self.report), produce)
+            produce = _guarded(expression_at(spec["if"], (*ypath, "if"), name, self.report), produce)
         return produce
 
     def _source(
         self, spec: dict[str, Any], source: str | None, ypath: Path_, opath: tuple[str, ...], node: SchemaNode,
         item: str,
-    ) -> Evaluate:
+    ) -> Emit:
         name = _dotted(opath)
         if source is None:
-            return lambda context: context.get(item)
+            return lambda writer, scope: scope.name(writer, item)
         at = (*ypath, source)
         if source == "from":
-            return compile_expression_at(spec["from"], at, name, self.report)
+            return expression_at(spec["from"], at, name, self.report)
         if source == "const":
             return _constant(spec["const"])
         if source == "fields":
@@ -262,55 +354,64 @@ class FieldCompiler:
         return _first(parts) if source == "first" else _merge(parts)
 
 
-def _finish(produce: Evaluate, spec: dict[str, Any]) -> Evaluate:
+def _fitted(emit: Emit, node: SchemaNode) -> Emit:
+    """``emit``, its value fitted to ``node`` of the Topsort schema (see :mod:`engine.conform`)."""
+    fit = conformer(node)
+    if fit is None:
+        return emit
+    native = native_type(node)
+
+    def fitted(writer: Writer, scope: Scope) -> str:
+        value = emit(writer, scope)
+        needed = f"{value} is not None" + (f" and {value}.__class__ is not {writer.bind(native)}" if native else "")
+        result = writer.local()
+        writer.line(f"{result} = {writer.bind(fit)}({value}) if {needed} else {value}")
+        return result
+
+    return fitted
+
+
+def _finish(produce: Emit, spec: dict[str, Any]) -> Emit:
     """Apply ``lookup``, ``as`` and ``default``, in that order."""
-    steps: list[Evaluate] = []
-    if "lookup" in spec:
-        table = spec["lookup"]
-        steps.append(lambda value: table.get(value) if isinstance(value, (str, int, float, bool)) else None)
-    if "as" in spec:
-        steps.append(COERCIONS[spec["as"]])
-    if "default" in spec:
-        default = spec["default"]
-        steps.append(lambda value: default if value is None else value)
-    if not steps:
+    if not {"lookup", "as", "default"} & spec.keys():
         return produce
 
-    def finished(context: Any) -> Any:
-        value = produce(context)
-        for step in steps:
-            value = step(value)
+    def finished(writer: Writer, scope: Scope) -> str:
+        value = produce(writer, scope)
+        if "lookup" in spec:
+            looked_up = writer.local()
+            writer.line(f"{looked_up} = {writer.bind(spec['lookup'])}.get({value}) "
+                        f"if isinstance({value}, {writer.bind(_LOOKUP_KEYS)}) else None")
+            value = looked_up
+        if "as" in spec:
+            coerced = writer.local()
+            writer.line(f"{coerced} = {writer.bind(COERCIONS[spec['as']])}({value})")
+            value = coerced
+        if "default" in spec:
+            defaulted = writer.local()
+            writer.line(f"{defaulted} = {writer.bind(spec['default'])} if {value} is None else {value}")
+            value = defaulted
         return value
 
     return finished
 
 
-def _each(sequence: Evaluate, item: str, produce: Evaluate) -> Evaluate:
-    def each(context: Any) -> list[Any] | None:
-        elements = sequence(context)
-        if not isinstance(elements, list):
-            return None
-        out = []
-        for element_context in element_contexts(context, item, elements):
-            value = produce(element_context)
-            if value is not None:
-                out.append(value)
-        return out
+def _each(sequence: Emit, item: str, produce: Emit) -> Emit:
+    def each(writer: Writer, scope: Scope) -> str:
+        elements = sequence(writer, scope)
+        made = writer.local()
+        writer.line(f"{made} = None")
+        with writer.block(f"if isinstance({elements}, list):"):
+            writer.line(f"{made} = []")
+            element, index = writer.local(), writer.local()
+            with writer.block(f"for {index}, {element} in enumerate({elements}):") as body:
+                inner = scope.element(writer, item, element, index, body)
+                value = produce(writer, inner)
+                writer.line(f"if {value} is not None: {made}.append({value})")
+                inner.close(writer)
+        return made
 
     return each
-
-
-def element_contexts(event: dict[str, Any], item: str, elements: list[Any]) -> Iterator[dict[str, Any]]:
-    """The event with each element bound as ``item`` and its position as ``index``, in turn.
-
-    One dict is updated in place for every element (copying the event once, not per element):
-    use each context before taking the next.
-    """
-    context = {**event, item: None, "index": 0}
-    for index, element in enumerate(elements):
-        context[item] = element
-        context["index"] = index
-        yield context
 
 
 def _names(spec: Any) -> set[str]:
@@ -329,42 +430,69 @@ def _names(spec: Any) -> set[str]:
     return set()
 
 
-def _guarded(condition: Evaluate, produce: Evaluate) -> Evaluate:
-    return lambda context: produce(context) if truthy(condition(context)) else None
+def _guarded(condition: Emit, produce: Emit) -> Emit:
+    def guarded(writer: Writer, scope: Scope) -> str:
+        holds = condition(writer, scope)
+        result = writer.local()
+        writer.line(f"{result} = None")
+        with writer.block(f"if {holds} or {writer.bind(truthy)}({holds}):"):
+            writer.line(f"{result} = {produce(writer, scope)}")
+        return result
+
+    return guarded
 
 
-def _first(parts: list[Evaluate]) -> Evaluate:
-    def first(context: Any) -> Any:
-        for part in parts:
-            value = part(context)
-            if value is not None and value != "":
-                return value
-        return None
+def _first(parts: list[Emit]) -> Emit:
+    def first(writer: Writer, scope: Scope) -> str:
+        result = writer.local()
+        writer.line(f"{result} = None")
+        _first_of(parts, result, writer, scope)
+        return result
 
     return first
 
 
-def _merge(parts: list[Evaluate]) -> Evaluate:
-    def merge(context: Any) -> Any:
-        result = None
+def _first_of(parts: list[Emit], result: str, writer: Writer, scope: Scope) -> None:
+    value = parts[0](writer, scope)
+    with writer.block(f"if {value} is not None and {value} != '':"):
+        writer.line(f"{result} = {value}")
+    if len(parts) > 1:
+        with writer.block("else:"):
+            _first_of(parts[1:], result, writer, scope)
+
+
+def _merge(parts: list[Emit]) -> Emit:
+    def merge(writer: Writer, scope: Scope) -> str:
+        result = writer.local()
+        writer.line(f"{result} = None")
         for part in parts:
-            value = part(context)
-            if value is None:
-                continue
-            result = {**result, **value} if isinstance(result, dict) and isinstance(value, dict) else value
+            value = part(writer, scope)
+            with writer.block(f"if {value} is not None:"):
+                writer.line(f"{result} = {{**{result}, **{value}}} "
+                            f"if isinstance({result}, dict) and isinstance({value}, dict) else {value}")
         return result
 
     return merge
 
 
-def _constant(value: Any) -> Evaluate:
-    if isinstance(value, (dict, list)):
-        return lambda context: copy.deepcopy(value)
-    return lambda context: value
+def _constant(value: Any) -> Emit:
+    def constant(writer: Writer, scope: Scope) -> str:
+        made = writer.local()
+        if isinstance(value, (dict, list)):
+            writer.line(f"{made} = {writer.bind(copy.deepcopy)}({writer.bind(value)})")
+        else:
+            writer.line(f"{made} = {writer.bind(value)}")
+        return made
+
+    return constant
 
 
 def _nothing(context: Any) -> None:
     return None
+
+
+def _null(writer: Writer, scope: Scope) -> str:
+    return "None"
 
 
 def _dotted(opath: tuple[str, ...]) -> str:

@@ -47,9 +47,9 @@ class EngineFunctions(jmespath.functions.Functions):
 
     @signature({"types": ["string", "number", "null"], "variadic": True})
     def _func_concat(self, *parts: Any) -> str | None:
-        if any(p is None for p in parts):
+        if None in parts:
             return None
-        return "".join(to_text(p) for p in parts)
+        return "".join(map(to_text, parts))
 
     @signature({"types": ["object", "null"]})
     def _func_stringify_values(self, obj: dict[str, Any] | None) -> dict[str, str] | None:

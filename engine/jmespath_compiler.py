@@ -58,6 +58,14 @@ def compile_expression(expression: str, functions: jmespath.functions.Functions)
     return _Compiler(functions).compile(Parser().parse(expression).parsed)
 
 
+def resolve_function(
+    name: str, count: int, functions: jmespath.functions.Functions
+) -> Callable[..., Any] | None:
+    """The function ``name`` of ``functions`` as a plain callable of ``count`` evaluated arguments
+    (type checks included, same errors as jmespath), or None where jmespath's dispatch must run."""
+    return _Compiler(functions).resolve_function(name, count)
+
+
 class _Expression:
     """The value of ``&expr``. jmespath's functions call ``visit(expression, value)`` on it
     (always with its own ``expression``) and their type checks know it by this class name."""
@@ -181,7 +189,7 @@ class _Compiler:
             collected = []
             for item in items:
                 matched = condition(item)
-                if matched is True or not _is_false(matched):
+                if matched is True or not is_false(matched):
                     result = each(item)
                     if result is not None:
                         collected.append(result)
@@ -226,7 +234,7 @@ class _Compiler:
 
         def evaluate(value: Any) -> Any:
             result = left(value)
-            return right(value) if _is_false(result) else result
+            return right(value) if is_false(result) else result
 
         return evaluate
 
@@ -235,7 +243,7 @@ class _Compiler:
 
         def evaluate(value: Any) -> Any:
             result = left(value)
-            return result if _is_false(result) else right(value)
+            return result if is_false(result) else right(value)
 
         return evaluate
 
@@ -295,41 +303,50 @@ class _Compiler:
         name = node["value"]
         args = tuple(self.compile(child) for child in node["children"])
         functions = self._functions
-        spec = functions.FUNCTION_TABLE.get(name) if self._resolve_at_compile_time else None
-        if spec is None or not _arity_matches(spec["signature"], len(args)):
+        call = self.resolve_function(name, len(args))
+        if call is None:
             # jmespath's own dispatch raises the unknown-function or arity error (only when
             # evaluated, after the arguments), or runs an overridden dispatch.
             return lambda value: functions.call_function(name, [arg(value) for arg in args])
+        if len(args) == 1:
+            (arg,) = args
+            return lambda value: call(arg(value))
+        return lambda value: call(*[arg(value) for arg in args])
 
+    def resolve_function(self, name: str, count: int) -> Callable[..., Any] | None:
+        """The function ``name`` called with ``count`` evaluated arguments, type checks included,
+        or None where it cannot be resolved at compile time (unknown, wrong arity, overridden
+        dispatch); the call raises exactly what jmespath's dispatch would raise."""
+        functions = self._functions
+        spec = functions.FUNCTION_TABLE.get(name) if self._resolve_at_compile_time else None
+        if spec is None or not _arity_matches(spec["signature"], count):
+            return None
         function = MethodType(spec["function"], functions)
         checks = tuple(
             (position, _type_check(functions, name, parameter["types"]))
             for position, parameter in enumerate(spec["signature"])
             if parameter["types"]
         )
-        if len(args) == 1:
-            (arg,) = args
-            if checks:
-                check = checks[0][1]
-
-                def evaluate_one(value: Any) -> Any:
-                    resolved = arg(value)
-                    check(resolved)
-                    return function(resolved)
-
-                return evaluate_one
+        if not checks:
             shortcut = _SHORTCUTS.get(name)
-            if shortcut is not None and spec["function"] is getattr(_BUILTINS, "_func_" + name):
-                return _with_shortcut(arg, shortcut, function)
-            return lambda value: function(arg(value))
+            if count == 1 and shortcut is not None and spec["function"] is getattr(_BUILTINS, "_func_" + name):
+                return _with_shortcut(shortcut, function)
+            return function
+        if count == 1:
+            check = checks[0][1]
 
-        def evaluate(value: Any) -> Any:
-            resolved = [arg(value) for arg in args]
+            def call_one(value: Any) -> Any:
+                check(value)
+                return function(value)
+
+            return call_one
+
+        def call(*resolved: Any) -> Any:
             for position, check in checks:
                 check(resolved[position])
             return function(*resolved)
 
-        return evaluate
+        return call
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -416,13 +433,12 @@ def _fields(names: list[str]) -> _Evaluate:
     return evaluate
 
 
-def _with_shortcut(arg: _Evaluate, shortcut: _Evaluate, function: _Evaluate) -> _Evaluate:
-    def evaluate(value: Any) -> Any:
-        resolved = arg(value)
-        result = shortcut(resolved)
-        return function(resolved) if result is _NO_SHORTCUT else result
+def _with_shortcut(shortcut: _Evaluate, function: _Evaluate) -> _Evaluate:
+    def call(value: Any) -> Any:
+        result = shortcut(value)
+        return function(value) if result is _NO_SHORTCUT else result
 
-    return evaluate
+    return call
 
 
 def _to_string_shortcut(value: Any) -> Any:
@@ -449,7 +465,7 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _is_false(value: Any) -> bool:
+def is_false(value: Any) -> bool:
     """JMESPath falsiness: ``""``, ``[]``, ``{}``, null and false (never a number)."""
     kind = type(value)
     if kind is str or kind is list or kind is dict or kind is bool or value is None:

@@ -9,8 +9,7 @@ from typing import Any
 
 import orjson
 
-from .engine import apply_rule
-from .outcome import Rejection
+from .outcome import Emitted, Rejection
 from .rules import Rule
 
 
@@ -38,9 +37,10 @@ def run_rule_tests(rules: Sequence[Rule]) -> list[RuleTestResult]:
 
 def _failure(rule: Rule, test: dict[str, Any]) -> str | None:
     event = test["event"]
-    emitted, rejected = [], []
+    emitted: list[Emitted] = []
+    rejected: list[Rejection] = []
     if isinstance(event, dict) and rule.mismatch(event) is None:
-        emitted, rejected = apply_rule(rule, event)
+        rule.apply(event, emitted, rejected)
     problems = []
     outputs = [e.event for e in emitted]
     expected = test.get("expect", [])

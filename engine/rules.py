@@ -2,36 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from functools import cached_property
+from typing import Any
 
 from .fields import (
     DEFAULT_ITEM,
-    Build,
     Evaluate,
     FieldCompiler,
     FieldError,
+    OUTPUTS,
+    Emit,
     Leaf,
-    Prepare,
+    Output,
     Report,
+    Target,
+    build_function,
     compile_expression_at,
-    element_contexts,
+    fragment,
+    mapping_function,
     truthy,
 )
-from .outcome import Kind
+from .outcome import Emitted, Kind, Rejection
 from .topsort_schema import topsort_schema
-from .validation import OutputValidator
+from .validation import OutputValidator, json_path
 from .yaml_source import Path_
 
 TRACK = "track"
-
-
-class Output(NamedTuple):
-    """One output of a rule for one event, before validation; ``item`` is its fan-out index."""
-
-    item: int | None
-    event: dict[str, Any] | None = None
-    error: FieldError | None = None
 
 
 @dataclass(eq=False)
@@ -48,12 +46,45 @@ class Rule:
     condition: Evaluate | None
     each: Evaluate | None
     item: str
-    build: Build
-    prepare: Prepare
     leaves: list[Leaf]
+    shared: frozenset[str]
+    fan_out: Emit | None
     validator: OutputValidator
     spec: dict[str, Any]
     tests: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.apply = self._generate(_apply_target(self))
+        """``apply(event, emitted, rejected)``: map and validate an event this rule wants, appending
+        to ``emitted`` what it emits and to ``rejected`` what it rejects (the engine's hot path)."""
+
+    @cached_property
+    def outputs(self) -> Callable[[dict[str, Any]], list[Output]]:
+        """Map an event (already known to match) to this rule's unvalidated outputs."""
+        return self._generate(OUTPUTS)
+
+    def _generate(self, target: Target) -> Callable[..., Any]:
+        return mapping_function(target, self.leaves, self.shared, self.fan_out, self.item,
+                                _no_elements(self.spec.get("each")))
+
+    def judge(self, output: Output) -> tuple[Emitted | None, list[Rejection]]:
+        """Validate one output: what it emits (if anything) and what it rejects."""
+        prefix = f"item {output.item} of {self.spec['each']}: " if output.item is not None else ""
+        if output.error is not None:
+            path = "$" if output.error.path == "each" else json_path(output.error.path.split("."))
+            return None, [Rejection(self.name, path, prefix + output.error.reason, output.item)]
+        valid, problems = self.validator.check(output.event)
+        rejected = [
+            Rejection(self.name, path, prefix + reason, output.item if output.item is not None else nested)
+            for path, reason, nested in problems
+        ]
+        return (Emitted(self.kind, self.name, valid) if valid is not None else None), rejected
+
+    def _settle(self, output: Output, emitted: list[Emitted], rejected: list[Rejection]) -> None:
+        made, refused = self.judge(output)
+        if made is not None:
+            emitted.append(made)
+        rejected.extend(refused)
 
     def mismatch(self, event: dict[str, Any]) -> str | None:
         """Why this rule does not want ``event``, or None when it does."""
@@ -94,29 +125,13 @@ class Rule:
     def _elements(self, event: dict[str, Any]) -> list[Any]:
         elements = self.each(event) if self.each else None
         if not isinstance(elements, list) or not elements:
-            got = "nothing" if elements is None else "an empty list" if elements == [] else type(elements).__name__
-            raise FieldError("each", f"{self.spec['each']!r} should be a non-empty list, got {got}")
+            raise _no_elements(self.spec["each"])(elements)
         return elements
 
-    def outputs(self, event: dict[str, Any]) -> list[Output]:
-        """Map ``event`` (already known to match) to this rule's unvalidated outputs."""
-        if self.each is None:
-            try:
-                return [Output(None, self.build(event))]
-            except FieldError as exc:
-                return [Output(None, error=exc)]
-        try:
-            elements = self._elements(event)
-            prepared = self.prepare(event)
-        except FieldError as exc:
-            return [Output(None, error=exc)]
-        outputs = []
-        for index, context in enumerate(element_contexts(event, self.item, elements)):
-            try:
-                outputs.append(Output(index, self.build(context, prepared)))
-            except FieldError as exc:
-                outputs.append(Output(index, error=exc))
-        return outputs
+    @cached_property
+    def build(self) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """The Topsort event this rule builds in one of its :meth:`contexts` (raises FieldError)."""
+        return build_function(self.leaves)
 
 
 def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None, report: Report) -> Rule:
@@ -134,7 +149,8 @@ def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None
     compiler = FieldCompiler(kind, report)
     item = spec.get("item", DEFAULT_ITEM)
     per_item = frozenset({item, "index", "@"}) if each is not None else frozenset()
-    build, prepare, leaves = compiler.top(spec["fields"], (*ypath, "fields"), topsort_schema().node(kind), per_item)
+    leaves, shared = compiler.top(spec["fields"], (*ypath, "fields"), topsort_schema().node(kind), per_item)
+    fan_out = fragment(spec["each"], each, "each") if each is not None else None
     return Rule(
         name=spec["name"],
         kind=kind,
@@ -146,13 +162,39 @@ def compile_rule(spec: dict[str, Any], file: str, ypath: Path_, line: int | None
         condition=condition,
         each=each,
         item=item,
-        build=build,
-        prepare=prepare,
         leaves=leaves,
+        shared=shared,
+        fan_out=fan_out,
         validator=OutputValidator(kind, compiler.fanout_arrays),
         spec=spec,
         tests=spec.get("tests", []),
     )
+
+
+def _apply_target(rule: Rule) -> Target:
+    """Validate each output on the spot: valid ones become :class:`Emitted` without a verdict to
+    build; the others (and failures) go through :meth:`Rule.judge`."""
+    return Target(
+        parameters="ev, emitted, rejected",
+        namespace={"_Output": Output, "_valid": rule.validator.is_valid, "_settle": rule._settle,
+                   "_new": tuple.__new__, "_Emitted": Emitted, "_kind": rule.kind, "_name": rule.name},
+        failed=("_settle(_Output(None, None, _exc), emitted, rejected)", "return"),
+        item_failed=("_settle(_Output(_index, None, _exc), emitted, rejected)",),
+        made=lambda index: (
+            "if _valid(_out): emitted.append(_new(_Emitted, (_kind, _name, _out)))",
+            f"else: _settle(_Output({index}, _out), emitted, rejected)",
+        ),
+    )
+
+
+def _no_elements(each: str | None) -> Callable[[Any], FieldError]:
+    """The error for an ``each`` that gave ``elements``, not a non-empty list."""
+
+    def error(elements: Any) -> FieldError:
+        got = "nothing" if elements is None else "an empty list" if elements == [] else type(elements).__name__
+        return FieldError("each", f"{each!r} should be a non-empty list, got {got}")
+
+    return error
 
 
 def _many(value: str | list[str]) -> list[str]:

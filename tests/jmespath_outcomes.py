@@ -13,6 +13,8 @@ def typed(value: Any) -> Any:
         return ("object", [(key, typed(item)) for key, item in value.items()])
     if isinstance(value, list):
         return ("array", [typed(item) for item in value])
+    if isinstance(value, float) and value != value:
+        return ("float", "nan")  # NaN equals nothing, not even itself
     if value is None or isinstance(value, (str, int, float)):
         return (type(value).__name__, value)
     return (type(value).__name__,)
