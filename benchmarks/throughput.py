@@ -19,6 +19,10 @@ from .naive import NaiveInterpreter
 
 Pipeline = Callable[[bytes], int]
 
+STREAM = "all, in stream order"
+"""The group of the whole corpus in generated order: the headline figure. Events of one preset
+in a row run faster (warm caches and branch predictors) than the mix a real stream brings."""
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -83,8 +87,8 @@ def time_groups(
 
 
 def overall(timings: Mapping[str, Timing]) -> Timing:
-    """All groups together: the same events, the sum of their times."""
-    return sum(timings.values(), Timing(0, 0, 0.0))
+    """The preset groups together (the stream group left out): the same events, the sum of their times."""
+    return sum((timing for group, timing in timings.items() if group != STREAM), Timing(0, 0, 0.0))
 
 
 def _timed(pipeline: Pipeline, lines: Sequence[bytes]) -> Timing:

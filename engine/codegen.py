@@ -248,8 +248,13 @@ def _logic(node: dict[str, Any], writer: Writer, scope: Scope) -> str:
 
 
 def _get(value: Any, key: str) -> Any:
-    """JMESPath's field rule for a value that is not a plain dict."""
+    """JMESPath's field rule for a value that is not a plain dict: null, unless it has ``.get``."""
+    if value.__class__ in _WITHOUT_GET:
+        return None
     try:
         return value.get(key)
     except AttributeError:
         return None
+
+
+_WITHOUT_GET = frozenset((type(None), str, int, float, bool, list))

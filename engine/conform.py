@@ -48,8 +48,10 @@ def native_type(node: SchemaNode | None) -> type | None:
 
 
 def _object_conformer(node: SchemaNode) -> Conformer:
-    fits = {key: conformer(child) for key, child in node.properties.items()}
-    closed, values = node.closed, conformer(node.values)
+    # per key: its conformer and the type that needs none (so most values are kept without a call)
+    fits = {key: (conformer(child), native_type(child)) for key, child in node.properties.items()}
+    closed = node.closed
+    others = (conformer(node.values), native_type(node.values))
 
     def fit(value: Any) -> Any:
         if not isinstance(value, dict):
@@ -58,13 +60,13 @@ def _object_conformer(node: SchemaNode) -> Conformer:
         for key, item in value.items():
             if item is None:
                 continue
-            if key in fits:
-                fit_item = fits[key]
-            elif closed:
-                continue
-            else:
-                fit_item = values
-            if fit_item is not None:
+            entry = fits.get(key)
+            if entry is None:
+                if closed:
+                    continue
+                entry = others
+            fit_item, native = entry
+            if fit_item is not None and item.__class__ is not native:
                 item = fit_item(item)
                 if item is None:
                     continue
