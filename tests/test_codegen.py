@@ -162,3 +162,12 @@ def test_a_failing_inlined_call_rejects_with_the_expression_and_reason(tmp_path:
     rejected = engine.process({**BASE, "messageId": "m", "context": {"device": {"type": 7}}}).rejected
     assert [(r.rule, r.path) for r in rejected] == [("r", "$.deviceType")]
     assert rejected[0].reason.startswith("'lower(context.device.type)' failed: In function lower(), invalid type")
+
+
+def test_any_key_or_name_is_safe_in_generated_code() -> None:
+    key = "a'b\"c\nd\\e"
+    text = 'properties."a\'b\\"c\\nd\\\\e" || concat(\'it\\\'s\', `"\\n"`)'
+    event = {"properties": {key: "found"}}
+    assert jmespath.search(text, event, options=OPTIONS) == "found"
+    assert generated(text, False)(event) == "found"
+    assert generated(text, False)({"properties": {}}) == jmespath.search(text, {}, options=OPTIONS) == "it's\n"
