@@ -136,6 +136,7 @@ class Scope:
         return writer.root_lookup(self._context, name)
 
     def context(self, writer: Writer) -> str:
+        """A local holding the whole context as a dict (see the class docstring)."""
         if self._parent is not None:
             self._wanted = True
         return self._context

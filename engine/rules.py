@@ -52,11 +52,12 @@ class Rule:
     validator: OutputValidator
     spec: dict[str, Any]
     tests: list[dict[str, Any]] = field(default_factory=list)
+    # apply(event, emitted, rejected): map and validate an event this rule wants, appending what it
+    # emits and what it rejects (the engine's hot path; generated at load, see engine.codegen)
+    apply: Callable[[dict[str, Any], list[Emitted], list[Rejection]], None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.apply = self._generate(_apply_target(self))
-        """``apply(event, emitted, rejected)``: map and validate an event this rule wants, appending
-        to ``emitted`` what it emits and to ``rejected`` what it rejects (the engine's hot path)."""
 
     @cached_property
     def outputs(self) -> Callable[[dict[str, Any]], list[Output]]:
