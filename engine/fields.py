@@ -19,6 +19,7 @@ null values and, at the top level, empty strings are left out.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -446,19 +447,14 @@ def _first(parts: list[Emit]) -> Emit:
     def first(writer: Writer, scope: Scope) -> str:
         result = writer.local()
         writer.line(f"{result} = None")
-        _first_of(parts, result, writer, scope)
+        for position, part in enumerate(parts):
+            # a value taken is never null, so "still null" means "not found yet" (and the code stays flat)
+            with writer.block(f"if {result} is None:") if position else nullcontext():
+                value = part(writer, scope)
+                writer.line(f"if {value} is not None and {value} != '': {result} = {value}")
         return result
 
     return first
-
-
-def _first_of(parts: list[Emit], result: str, writer: Writer, scope: Scope) -> None:
-    value = parts[0](writer, scope)
-    with writer.block(f"if {value} is not None and {value} != '':"):
-        writer.line(f"{result} = {value}")
-    if len(parts) > 1:
-        with writer.block("else:"):
-            _first_of(parts[1:], result, writer, scope)
 
 
 def _merge(parts: list[Emit]) -> Emit:

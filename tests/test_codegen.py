@@ -171,3 +171,11 @@ def test_any_key_or_name_is_safe_in_generated_code() -> None:
     assert jmespath.search(text, event, options=OPTIONS) == "found"
     assert generated(text, False)(event) == "found"
     assert generated(text, False)({"properties": {}}) == jmespath.search(text, {}, options=OPTIONS) == "it's\n"
+
+
+def test_a_long_first_list_compiles_flat(tmp_path: Path) -> None:
+    many = ", ".join(f"properties.k{n}" for n in range(150))  # nested if/else would pass Python's 100 levels
+    engine = _engine(tmp_path, f"      resolvedBidId: {{first: [{many}]}}\n")
+    event = {**BASE, "messageId": "m", "properties": {"k149": "last", "k3": ""}}
+    assert engine.outputs(event)[0]["resolvedBidId"] == "last"
+    assert engine.outputs({**event, "properties": {"k3": "third", "k7": "seventh"}})[0]["resolvedBidId"] == "third"
