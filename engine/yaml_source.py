@@ -47,11 +47,24 @@ class YamlSyntaxError(Exception):
         self.position = position
 
 
+# libyaml's parser where PyYAML was built with it (its wheels are): same nodes and marks, ~3x faster
+_FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: str | Path) -> YamlDocument:
     """Parse one YAML document, keeping positions. Raises :class:`YamlSyntaxError`."""
     text = Path(path).read_text(encoding="utf-8")
-    loader = yaml.SafeLoader(text)
-    doc = YamlDocument(str(path), None)
+    try:
+        return _load(str(path), text, _FAST_LOADER)
+    except YamlSyntaxError:
+        if _FAST_LOADER is yaml.SafeLoader:
+            raise
+        return _load(str(path), text, yaml.SafeLoader)  # PyYAML's own messages say what it found instead
+
+
+def _load(path: str, text: str, loader_class: Any) -> YamlDocument:
+    loader = loader_class(text)
+    doc = YamlDocument(path, None)
     try:
         node = loader.get_single_node()
         if node is not None:

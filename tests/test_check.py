@@ -14,8 +14,9 @@ from .conftest import ROOT, run_cli
 BROKEN = Path("tests/data/broken_rules")
 
 EXPECTED = [
-    # YAML syntax: where PyYAML stopped, and where the construct began
-    "a_yaml_syntax.yaml:4:9: error: not valid YAML: while parsing a flow mapping (started at 3:11)",
+    # YAML syntax: where PyYAML stopped, where the construct began, and what it found instead
+    "a_yaml_syntax.yaml:4:9: error: not valid YAML: while parsing a flow mapping (started at 3:11): "
+    "expected ',' or '}', but got ':'",
     # rule-schema violations
     "b_rule_schema.yaml:4:11: error: rule 'wrong-kind': 'impression' is not one of",
     "b_rule_schema.yaml:7:5: error: rule 'typo-in-when': 'when' is a required property",
