@@ -19,9 +19,9 @@ null values and, at the top level, empty strings are left out.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 import difflib
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -137,6 +137,7 @@ class Target:
     lines open and close the function. ``namespace`` holds the names these lines use.
     """
 
+    name: str
     parameters: str
     namespace: dict[str, Any]
     failed: tuple[str, ...]
@@ -147,6 +148,7 @@ class Target:
 
 
 OUTPUTS = Target(
+    name="outputs",
     parameters="ev",
     namespace={"_Output": Output},
     failed=("return [_Output(None, None, _exc)]",),
@@ -178,7 +180,7 @@ def mapping_function(
         _on_error(writer, target.failed)
         _lines(writer, target.made("None"))
         _lines(writer, target.end)
-        return writer.function("outputs", target.parameters)
+        return writer.function(target.name, target.parameters)
     with writer.block("try:", always_completes=True):
         elements = each(writer, event)
         with writer.block(f"if not isinstance({elements}, list) or not {elements}:"):
@@ -193,7 +195,7 @@ def mapping_function(
         _lines(writer, target.made("_index"))
         scope.close(writer)
     _lines(writer, target.end)
-    return writer.function("outputs", target.parameters)
+    return writer.function(target.name, target.parameters)
 
 
 def build_function(leaves: list[Leaf]) -> Callable[[dict[str, Any]], dict[str, Any]]:

@@ -176,6 +176,7 @@ def _apply_target(rule: Rule) -> Target:
     """Validate each output on the spot: valid ones become :class:`Emitted` without a verdict to
     build; the others (and failures) go through :meth:`Rule.judge`."""
     return Target(
+        name="apply",
         parameters="ev, emitted, rejected",
         namespace={"_Output": Output, "_valid": rule.validator.is_valid, "_settle": rule._settle,
                    "_new": tuple.__new__, "_Emitted": Emitted, "_kind": rule.kind, "_name": rule.name},
