@@ -20,7 +20,15 @@ from .handwritten import HandWritten
 from .naive import NaiveInterpreter
 from .report import Results, render
 from .resources import map_peak_rss, rule_load_time
-from .throughput import STREAM, Timing, engine_pipeline, handwritten_pipeline, naive_pipeline, time_groups
+from .throughput import (
+    STREAM,
+    Timing,
+    engine_pipeline,
+    floor_pipeline,
+    handwritten_pipeline,
+    naive_pipeline,
+    time_groups,
+)
 
 T = TypeVar("T")
 
@@ -58,13 +66,15 @@ def main(events: int, seed: int, repeat: int, rss_events: int, skip_rss: bool, l
     ordered = {**{name: groups[name] for name in PRESETS if groups.get(name)}, STREAM: stream}
     corpus_bytes = sum(len(line) for line in stream)
 
-    status.print(f"timing the engine and the hand-written mapping ({repeat} rounds)")
-    fast = {"engine": engine_pipeline(Engine.from_folders()), "hand-written": handwritten_pipeline(HandWritten())}
+    status.print(f"timing the engine, the hand-written mapping and the fixed costs ({repeat} rounds)")
+    mapper = Engine.from_folders()
+    fast = {"engine": engine_pipeline(mapper), "hand-written": handwritten_pipeline(HandWritten()),
+            "floor": floor_pipeline(mapper, stream)}
     timed = time_groups(fast, ordered, repeat)
-    engine, handwritten = timed["engine"], timed["hand-written"]
+    engine, handwritten, floor = timed["engine"], timed["hand-written"], timed["floor"]
     status.print("timing the naive interpreter (slow, one round)")
     naive = time_groups({"naive": naive_pipeline(NaiveInterpreter())}, ordered, 1)["naive"]
-    _check_same_counts(status, engine, handwritten, naive)
+    _check_same_counts(status, engine, handwritten, naive, floor)
 
     with tempfile.TemporaryDirectory(prefix="segment-topsort-bench-") as tmp:
         status.print(f"loading and compiling 20 rules ({load_runs} runs)")
@@ -73,7 +83,7 @@ def main(events: int, seed: int, repeat: int, rss_events: int, skip_rss: bool, l
         if not skip_rss:
             status.print(f"writing {rss_events:,} events and streaming them through `segment-topsort map`")
             map_run = _unless_failing(status, lambda: map_peak_rss(rss_events, seed, Path(tmp)))
-    render(console, Results(events, seed, corpus_bytes, engine, handwritten, naive, map_run, load, skip_rss))
+    render(console, Results(events, seed, corpus_bytes, engine, handwritten, naive, floor, map_run, load, skip_rss))
 
 
 def _unless_failing(status: Console, measure: Callable[[], T]) -> T | None:

@@ -31,6 +31,7 @@ class Results:
     engine: Mapping[str, Timing]
     handwritten: Mapping[str, Timing]
     naive: Mapping[str, Timing]
+    floor: Mapping[str, Timing]
     map_run: MapRun | None
     load: LoadTime | None
     rss_skipped: bool = False
@@ -57,6 +58,7 @@ def render(console: Console, results: Results) -> None:
                   f"{results.corpus_bytes / results.events / 1024:.2f} KiB per event on average; "
                   "one thread; best of the repeats for engine and hand-written (alternating), one pass for naive")
     console.print(_presets_table(results))
+    console.print(_budget_table(results))
     console.print(_targets_table(results))
 
 
@@ -83,6 +85,22 @@ def _presets_table(results: Results) -> Table:
 def _headline(results: Results) -> tuple[Timing, Timing, Timing]:
     """Engine, hand-written and naive over the whole corpus in stream order."""
     return results.engine[STREAM], results.handwritten[STREAM], results.naive[STREAM]
+
+
+def _budget_table(results: Results) -> Table:
+    """Per event in stream order: the fixed costs every implementation pays, and what mapping adds."""
+    floor = results.floor[STREAM]
+    budget = 1e6 / TARGET_EVENTS_PER_SECOND
+    table = Table(title=f"Where an event's time goes, stream order (µs/event; {TARGET_EVENTS_PER_SECOND:,}/s "
+                        f"allows {budget:.0f})")
+    for column in ("", "total", "decode + validate + encode", "routing and mapping"):
+        table.add_column(column, justify="left" if not column else "right")
+    table.add_row("fixed costs (no mapping at all)", f"{floor.micros:.1f}", f"{floor.micros:.1f}", "–")
+    for name, timing in (("engine", results.engine[STREAM]), ("hand-written", results.handwritten[STREAM])):
+        table.add_row(name, f"{timing.micros:.1f}", f"{floor.micros:.1f}", f"{timing.micros - floor.micros:.1f}")
+    table.add_row("left for mapping at the target", f"{budget:.1f}", f"{floor.micros:.1f}",
+                  f"{budget - floor.micros:.1f}")
+    return table
 
 
 def _targets_table(results: Results) -> Table:

@@ -82,8 +82,10 @@ def test_the_rule_set_for_load_time_has_twenty_valid_rules(tmp_path: Path) -> No
 def test_smoke_run_of_the_entry_point() -> None:
     result = CliRunner().invoke(bench, ["--events", "80", "--repeat", "1", "--rss-events", "200", "--load-runs", "1"])
     assert result.exit_code == 0, result.output
-    for figure in ("Throughput", "Acceptance targets", "peak RSS", "load + compile 20 rules", "Python 3."):
+    for figure in ("Throughput", "Acceptance targets", "peak RSS", "load + compile 20 rules", "Python 3.",
+                   "Where an event's time goes", "fixed costs (no mapping at all)"):
         assert figure in result.output
+    assert "different numbers of events" not in result.output
 
 
 def test_bench_is_a_segment_topsort_command() -> None:
