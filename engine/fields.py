@@ -133,8 +133,8 @@ class Target:
     """What a generated rule function does with what it maps (see :func:`mapping_function`).
 
     ``failed`` runs on an event-level FieldError ``_exc`` and must leave; ``item_failed`` on an
-    element's (``_index``); ``made(index)`` on a built event ``_out``; the ``start`` and ``end``
-    lines open and close the function. ``namespace`` holds the names these lines use.
+    element's (``_index``); ``made(index)`` on a built event ``_out``. ``namespace`` holds the
+    names these lines use.
     """
 
     name: str
@@ -143,21 +143,6 @@ class Target:
     failed: tuple[str, ...]
     item_failed: tuple[str, ...]
     made: Callable[[str], tuple[str, ...]]
-    start: tuple[str, ...] = ()
-    end: tuple[str, ...] = ()
-
-
-OUTPUTS = Target(
-    name="outputs",
-    parameters="ev",
-    namespace={"_Output": Output},
-    failed=("return [_Output(None, None, _exc)]",),
-    item_failed=("_made.append(_Output(_index, None, _exc))",),
-    made=lambda index: (f"_made.append(_Output({index}, _out))",),
-    start=("_made = []",),
-    end=("return _made",),
-)
-"""Return the list of :class:`Output` (a plain list, for ``explain``, tests and tools)."""
 
 
 def mapping_function(
@@ -171,15 +156,12 @@ def mapping_function(
     ``each`` gives no non-empty list.
     """
     writer = Writer({**target.namespace, "_FieldError": FieldError})
-    for line in target.start:
-        writer.line(line)
     event = Scope("ev")
     if each is None:
         with writer.block("try:", always_completes=True):
             _put_fields(writer, event, leaves, {})
         _on_error(writer, target.failed)
         _lines(writer, target.made("None"))
-        _lines(writer, target.end)
         return writer.function(target.name, target.parameters)
     with writer.block("try:", always_completes=True):
         elements = each(writer, event)
@@ -194,7 +176,6 @@ def mapping_function(
         _on_error(writer, (*target.item_failed, "continue"))
         _lines(writer, target.made("_index"))
         scope.close(writer)
-    _lines(writer, target.end)
     return writer.function(target.name, target.parameters)
 
 

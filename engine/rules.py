@@ -12,7 +12,6 @@ from .fields import (
     Evaluate,
     FieldCompiler,
     FieldError,
-    OUTPUTS,
     Emit,
     Leaf,
     Output,
@@ -58,11 +57,6 @@ class Rule:
 
     def __post_init__(self) -> None:
         self.apply = self._generate(_apply_target(self))
-
-    @cached_property
-    def outputs(self) -> Callable[[dict[str, Any]], list[Output]]:
-        """Map an event (already known to match) to this rule's unvalidated outputs."""
-        return self._generate(OUTPUTS)
 
     def _generate(self, target: Target) -> Callable[..., Any]:
         return mapping_function(target, self.leaves, self.shared, self.fan_out, self.item,
