@@ -221,9 +221,18 @@ def _agree(reference: Any, fast: Any, document: Any) -> bool:
     found = sorted((list(e.instance_path) for e in fast.iter_errors(document)), key=repr)
     assert fast.is_valid(document) == (not expected), (expected, found, document)
     assert bool(found) == bool(expected), (expected, found, document)
-    if len(expected) == 1 and len(found) == 1:
+    if len(expected) == 1 and len(found) == 1 and not _has_empty_key(document):
         assert found == expected, document
     return not expected
+
+
+def _has_empty_key(document: Any) -> bool:
+    """jsonschema-rs leaves an empty key out of an error's path (see test_known_path_difference)."""
+    if isinstance(document, dict):
+        return "" in document or any(_has_empty_key(v) for v in document.values())
+    if isinstance(document, list):
+        return any(_has_empty_key(v) for v in document)
+    return False
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -288,6 +297,15 @@ def test_known_date_time_differences(date_time: str, reference: bool, fast: bool
     event = {"id": "m-1", "occurredAt": date_time, "opaqueUserId": "u-1", "page": {"type": "home", "pageId": "h"}}
     assert REFERENCE["pageviews"].is_valid(event) is reference
     assert FAST["pageviews"].is_valid(event) is fast
+
+
+def test_known_path_difference() -> None:
+    """Pinned so that a library upgrade that changes it is noticed: jsonschema-rs gives the path
+    of a bad value under an empty key without that key. The engine never makes such an output
+    (``stringify_values`` drops nulls; unknown keys of closed objects are dropped)."""
+    event = {"id": "m-1", "occurredAt": "2026-01-01T00:00:00Z", "opaqueUserId": "u-1", "dsp_metadata": {"": None}}
+    assert [list(e.absolute_path) for e in REFERENCE["impressions"].iter_errors(event)] == [["dsp_metadata", ""]]
+    assert [list(e.instance_path) for e in FAST["impressions"].iter_errors(event)] == [["dsp_metadata"]]
 
 
 def test_the_reference_checks_date_times() -> None:
