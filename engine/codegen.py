@@ -38,10 +38,13 @@ class Writer:
         self._count = 0
         self._known: list[dict[tuple[str, str], str]] = [{}]
 
-    def local(self) -> str:
-        """A fresh local variable name."""
+    def local(self, initial: str | None = None) -> str:
+        """A fresh local variable name; with ``initial``, a line assigning it that code first."""
         self._count += 1
-        return f"_v{self._count}"
+        name = f"_v{self._count}"
+        if initial is not None:
+            self.line(f"{name} = {initial}")
+        return name
 
     def bind(self, value: Any) -> str:
         """The name under which the generated code sees ``value`` (a constant or a function)."""
@@ -161,8 +164,7 @@ def expression(text: str, evaluate: Callable[[Any], Any], failure: Callable[[JME
     if node is None or not _inlinable(node):
 
         def call(writer: Writer, scope: Scope) -> str:
-            value = writer.local()
-            writer.line(f"{value} = {writer.bind(evaluate)}({scope.context(writer)})")
+            value = writer.local(f"{writer.bind(evaluate)}({scope.context(writer)})")
             return value
 
         return call
@@ -228,8 +230,7 @@ def _inline(node: dict[str, Any], writer: Writer, scope: Scope) -> str:
         return _logic(node, writer, scope)
     call = resolve_call(node["value"], len(node["children"]))
     arguments = [_inline(child, writer, scope) for child in node["children"]]
-    value = writer.local()
-    writer.line(f"{value} = {writer.bind(call)}({', '.join(arguments)})")
+    value = writer.local(f"{writer.bind(call)}({', '.join(arguments)})")
     return value
 
 

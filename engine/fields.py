@@ -283,13 +283,11 @@ class FieldCompiler:
                 entries.append((key, emit))
 
         def build(writer: Writer, scope: Scope) -> str:
-            made = writer.local()
-            writer.line(f"{made} = {{}}")
+            made = writer.local("{}")
             for key, emit in entries:
                 value = emit(writer, scope)
                 writer.line(f"if {value} is not None: {made}[{key!r}] = {value}")
-            result = writer.local()
-            writer.line(f"{result} = {made} or None")
+            result = writer.local(f"{made} or None")
             return result
 
         return build
@@ -348,8 +346,7 @@ def _fitted(emit: Emit, node: SchemaNode) -> Emit:
     def fitted(writer: Writer, scope: Scope) -> str:
         value = emit(writer, scope)
         needed = f"{value} is not None" + (f" and {value}.__class__ is not {writer.bind(native)}" if native else "")
-        result = writer.local()
-        writer.line(f"{result} = {writer.bind(fit)}({value}) if {needed} else {value}")
+        result = writer.local(f"{writer.bind(fit)}({value}) if {needed} else {value}")
         return result
 
     return fitted
@@ -363,18 +360,12 @@ def _finish(produce: Emit, spec: dict[str, Any]) -> Emit:
     def finished(writer: Writer, scope: Scope) -> str:
         value = produce(writer, scope)
         if "lookup" in spec:
-            looked_up = writer.local()
-            writer.line(f"{looked_up} = {writer.bind(spec['lookup'])}.get({value}) "
-                        f"if isinstance({value}, {writer.bind(_LOOKUP_KEYS)}) else None")
-            value = looked_up
+            value = writer.local(f"{writer.bind(spec['lookup'])}.get({value}) "
+                                 f"if isinstance({value}, {writer.bind(_LOOKUP_KEYS)}) else None")
         if "as" in spec:
-            coerced = writer.local()
-            writer.line(f"{coerced} = {writer.bind(COERCIONS[spec['as']])}({value})")
-            value = coerced
+            value = writer.local(f"{writer.bind(COERCIONS[spec['as']])}({value})")
         if "default" in spec:
-            defaulted = writer.local()
-            writer.line(f"{defaulted} = {writer.bind(spec['default'])} if {value} is None else {value}")
-            value = defaulted
+            value = writer.local(f"{writer.bind(spec['default'])} if {value} is None else {value}")
         return value
 
     return finished
@@ -383,8 +374,7 @@ def _finish(produce: Emit, spec: dict[str, Any]) -> Emit:
 def _each(sequence: Emit, item: str, produce: Emit) -> Emit:
     def each(writer: Writer, scope: Scope) -> str:
         elements = sequence(writer, scope)
-        made = writer.local()
-        writer.line(f"{made} = None")
+        made = writer.local("None")
         with writer.block(f"if isinstance({elements}, list):"):
             writer.line(f"{made} = []")
             element, index = writer.local(), writer.local()
@@ -417,8 +407,7 @@ def _names(spec: Any) -> set[str]:
 def _guarded(condition: Emit, produce: Emit) -> Emit:
     def guarded(writer: Writer, scope: Scope) -> str:
         holds = condition(writer, scope)
-        result = writer.local()
-        writer.line(f"{result} = None")
+        result = writer.local("None")
         with writer.block(f"if {holds} or {writer.bind(truthy)}({holds}):"):
             writer.line(f"{result} = {produce(writer, scope)}")
         return result
@@ -428,8 +417,7 @@ def _guarded(condition: Emit, produce: Emit) -> Emit:
 
 def _first(parts: list[Emit]) -> Emit:
     def first(writer: Writer, scope: Scope) -> str:
-        result = writer.local()
-        writer.line(f"{result} = None")
+        result = writer.local("None")
         for position, part in enumerate(parts):
             # a value taken is never null, so "still null" means "not found yet" (and the code stays flat)
             with writer.block(f"if {result} is None:") if position else nullcontext():
@@ -442,8 +430,7 @@ def _first(parts: list[Emit]) -> Emit:
 
 def _merge(parts: list[Emit]) -> Emit:
     def merge(writer: Writer, scope: Scope) -> str:
-        result = writer.local()
-        writer.line(f"{result} = None")
+        result = writer.local("None")
         for part in parts:
             value = part(writer, scope)
             with writer.block(f"if {value} is not None:"):
@@ -456,12 +443,9 @@ def _merge(parts: list[Emit]) -> Emit:
 
 def _constant(value: Any) -> Emit:
     def constant(writer: Writer, scope: Scope) -> str:
-        made = writer.local()
         if isinstance(value, (dict, list)):
-            writer.line(f"{made} = {writer.bind(copy.deepcopy)}({writer.bind(value)})")
-        else:
-            writer.line(f"{made} = {writer.bind(value)}")
-        return made
+            return writer.local(f"{writer.bind(copy.deepcopy)}({writer.bind(value)})")
+        return writer.local(writer.bind(value))
 
     return constant
 
