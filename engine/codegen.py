@@ -111,7 +111,7 @@ class Writer:
 class Scope:
     """Where names resolve: the event, or inside ``each`` one element (``item``) and its ``index``.
 
-    ``context(writer)`` gives a local holding the whole context as a dict (the event, or the
+    ``context()`` gives a local holding the whole context as a dict (the event, or the
     event plus the element and index), for expressions that are not plain paths; inside an
     element it is built only when some expression asks for it.
     """
@@ -138,7 +138,7 @@ class Scope:
             return self._parent.name(writer, name)
         return writer.root_lookup(self._context, name)
 
-    def context(self, writer: Writer) -> str:
+    def context(self) -> str:
         """A local holding the whole context as a dict (see the class docstring)."""
         if self._parent is not None:
             self._wanted = True
@@ -149,7 +149,7 @@ class Scope:
         if not self._wanted or self._parent is None:
             return
         pairs = ", ".join(f"{name!r}: {local}" for name, local in self._bound.items())
-        parent = self._parent.context(writer)
+        parent = self._parent.context()
         writer.insert(self._position, self._depth, f"{self._context} = {{**{parent}, {pairs}}}")
 
 
@@ -164,8 +164,7 @@ def expression(text: str, evaluate: Callable[[Any], Any], failure: Callable[[JME
     if node is None or not _inlinable(node):
 
         def call(writer: Writer, scope: Scope) -> str:
-            value = writer.local(f"{writer.bind(evaluate)}({scope.context(writer)})")
-            return value
+            return writer.local(f"{writer.bind(evaluate)}({scope.context()})")
 
         return call
 
@@ -174,9 +173,8 @@ def expression(text: str, evaluate: Callable[[Any], Any], failure: Callable[[JME
             return _inline(node, writer, scope)
         with writer.block("try:", always_completes=True):
             value = _inline(node, writer, scope)
-        with writer.block("except _JMESPathError as _exc:"):
+        with writer.block(f"except {writer.bind(JMESPathError)} as _exc:"):
             writer.line(f"raise {writer.bind(failure)}(_exc) from None")
-        writer.namespace["_JMESPathError"] = JMESPathError
         return value
 
     return inline
@@ -187,7 +185,8 @@ def _inlinable(node: dict[str, Any]) -> bool:
     if kind == "field":
         return True
     if kind in ("subexpression", "pipe"):
-        return all(link["type"] == "field" for link in _links(node)) and bool(_links(node))
+        links = _links(node)
+        return bool(links) and all(link["type"] == "field" for link in links)
     if kind == "literal":
         return isinstance(node["value"], (str, int, float, bool, type(None)))
     if kind == "function_expression":
@@ -230,8 +229,7 @@ def _inline(node: dict[str, Any], writer: Writer, scope: Scope) -> str:
         return _logic(node, writer, scope)
     call = resolve_call(node["value"], len(node["children"]))
     arguments = [_inline(child, writer, scope) for child in node["children"]]
-    value = writer.local(f"{writer.bind(call)}({', '.join(arguments)})")
-    return value
+    return writer.local(f"{writer.bind(call)}({', '.join(arguments)})")
 
 
 def _logic(node: dict[str, Any], writer: Writer, scope: Scope) -> str:
@@ -240,8 +238,7 @@ def _logic(node: dict[str, Any], writer: Writer, scope: Scope) -> str:
     left, right = node["children"]
     value = _inline(left, writer, scope)
     result = writer.local()
-    writer.namespace["_is_false"] = is_false
-    holds = f"{value} or not _is_false({value})"
+    holds = f"{value} or not {writer.bind(is_false)}({value})"
     with writer.block(f"if {holds}:" if node["type"] == "or_expression" else f"if not ({holds}):"):
         writer.line(f"{result} = {value}")
     with writer.block("else:"):
