@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .batching import Batcher
-from .cli_options import rules_option
+from .cli_options import rule_folders, rules_option
 from .dead_letters import DeadLetterFile, rejected_input
 from .engine import Engine
 from .errors import Problem, RulesInvalid
@@ -40,6 +40,8 @@ class _LazyGroup(click.Group):
         "serve": "engine.serve:serve_command",
         "consume": "engine.kafka:consume_command",
         "produce": "engine.kafka:produce_command",
+        "diff": "engine.rule_reports_cli:diff_command",
+        "coverage": "engine.rule_reports_cli:coverage_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -70,7 +72,7 @@ def bench_command(args: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("rule_dirs", nargs=-1, type=click.Path(path_type=Path))
+@rule_folders
 def check(rule_dirs: tuple[Path, ...]) -> None:
     """Check rule folders (default: the bundled rules) before any event flows.
 
@@ -88,8 +90,9 @@ def check(rule_dirs: tuple[Path, ...]) -> None:
 
 
 @main.command("test")
-@click.argument("rule_dirs", nargs=-1, type=click.Path(path_type=Path))
-def test_command(rule_dirs: tuple[Path, ...]) -> None:
+@rule_folders
+@click.option("--coverage", is_flag=True, help="Also list the fields and branches the tests exercised, and those not.")
+def test_command(rule_dirs: tuple[Path, ...], coverage: bool) -> None:
     """Run the tests written inside the rule files; show a diff for each failure."""
     engine = _engine(rule_dirs)
     results = run_rule_tests(engine.rules.rules)
@@ -100,6 +103,10 @@ def test_command(rule_dirs: tuple[Path, ...]) -> None:
         if result.failure:
             stderr.print(escape(_indent(result.failure, 6)))
     failed = sum(not r.passed for r in results)
+    if coverage:
+        from .rule_test_coverage import render_test_coverage, rule_test_coverage
+
+        click.echo(render_test_coverage(rule_test_coverage(engine.rules.rules)))
     stderr.print(f"{len(results) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 
@@ -152,7 +159,7 @@ def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Pa
 
 @main.command("explain")
 @click.argument("event_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@rules_option
+@rule_folders
 def explain_command(event_file: str, rule_dirs: tuple[Path, ...]) -> None:
     """Show, for one Segment event (a JSON file), every rule considered and what it made of it."""
     data = sys.stdin.buffer.read() if event_file == "-" else Path(event_file).read_bytes()

@@ -2,18 +2,55 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from .rule_folders import RulesFolderError, resolve_rules_folder
+
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class RulesFolder(click.ParamType):
+    """A rules folder or file, or ``REF:PATH`` read from git for as long as the command runs."""
+
+    name = "DIR"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        if isinstance(value, Path):
+            return value
+        cleanup = ExitStack()
+        if ctx is not None:
+            ctx.call_on_close(cleanup.close)
+        try:
+            return resolve_rules_folder(str(value), cleanup)
+        except RulesFolderError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 rules_option = click.option(
-    "--rules", "rule_dirs", multiple=True, type=click.Path(exists=True, path_type=Path),
-    help="A rules folder (repeatable; later folders override rules of the same name). Default: the bundled rules.",
+    "--rules", "rule_dirs", multiple=True, type=RulesFolder(),
+    help="A rules folder, or REF:PATH read from git (repeatable; later folders override rules of the same "
+         "name). Default: the bundled rules.",
 )
+
+
+def rule_folders(command: F) -> F:
+    """``--rules DIR`` (repeatable) and the same folders as trailing arguments, as ``rule_dirs``."""
+
+    @functools.wraps(command)
+    def named_either_way(*args: Any, rule_paths: tuple[Path, ...] = (), rule_dirs: tuple[Path, ...] = (),
+                         **kwargs: Any) -> Any:
+        if rule_paths and rule_dirs:
+            raise click.UsageError("name the rule folders either as arguments or with --rules, not both")
+        return command(*args, rule_dirs=rule_paths or rule_dirs, **kwargs)
+
+    with_option = rules_option(named_either_way)
+    return click.argument("rule_paths", nargs=-1, type=RulesFolder(), metavar="[RULES]...")(with_option)  # type: ignore[return-value]
 
 
 def delivery_tuning(command: F) -> F:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -51,7 +52,8 @@ def _check_calls(node: dict[str, Any], problems: list[str]) -> None:
         name, given = node["value"], len(node["children"])
         entry = FUNCTIONS.FUNCTION_TABLE.get(name)
         if entry is None:
-            problems.append(f"unknown function {name}()")
+            close = difflib.get_close_matches(name, list(FUNCTIONS.FUNCTION_TABLE), n=1)
+            problems.append(f"unknown function {name}()" + (f" (did you mean {close[0]}()?)" if close else ""))
         else:
             signature = entry["signature"]
             variadic = bool(signature) and signature[-1].get("variadic", False)

@@ -42,15 +42,21 @@ def load_rules(folders: Iterable[str | Path]) -> RuleSet:
 
     Raises :class:`RulesInvalid` listing every error when any rule file is wrong.
     """
-    rules, problems = check_rules(folders)
+    rules, problems = check_rules(folders, double_counts=False)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise RulesInvalid(problems)
     return RuleSet(tuple(rules), tuple(problems))
 
 
-def check_rules(folders: Iterable[str | Path]) -> tuple[list[Rule], list[Problem]]:
-    """Like :func:`load_rules`, but return every problem (errors and warnings) instead of raising."""
+def check_rules(
+    folders: Iterable[str | Path], *, double_counts: bool = True
+) -> tuple[list[Rule], list[Problem]]:
+    """Like :func:`load_rules`, but return every problem (errors and warnings) instead of raising.
+
+    The warnings about rules that count one user action twice are for ``check``; loading for any
+    other command leaves them out (``double_counts=False``), so they are not repeated everywhere.
+    """
     problems: list[Problem] = []
     merged: dict[str, Rule] = {}
     for folder in folders:
@@ -59,7 +65,8 @@ def check_rules(folders: Iterable[str | Path]) -> tuple[list[Rule], list[Problem
             for entry, rule_or_switch in _load_file(file, problems):
                 _merge(entry, rule_or_switch, merged, defined_here, problems)
     rules = list(merged.values())
-    problems.extend(double_count_warnings(rules))
+    if double_counts:
+        problems.extend(double_count_warnings(rules))
     return rules, problems
 
 

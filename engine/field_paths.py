@@ -1,0 +1,70 @@
+"""The fields of a Topsort event by dotted path (``placement.position``, ``items[].productId``),
+as ``diff`` and ``coverage`` report them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .outcome import Rejection
+
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def field_values(event: dict[str, Any]) -> dict[str, Any]:
+    """Every leaf of ``event`` by path: nested objects are followed (``placement.position``);
+    under an array of objects the path says ``[]`` and the value is the list of the elements'
+    values, ``None`` where an element lacks it (``items[].vendorId``). Other arrays are leaves."""
+    found: dict[str, Any] = {}
+    _walk(event, "", found)
+    return found
+
+
+def array_lengths(event: dict[str, Any]) -> dict[str, int]:
+    """The length of each array of objects in ``event`` by path (``items[]``), for fill rates."""
+    lengths: dict[str, int] = {}
+    _lengths(event, "", lengths)
+    return lengths
+
+
+def general_path(path: str) -> str:
+    """A JSON path of a rejection with its indices generalised: ``$.items[2].unitPrice`` -> ``$.items[].unitPrice``."""
+    return _INDEX.sub("[]", path)
+
+
+def rejection_key(rejection: Rejection) -> tuple[str | None, str, str]:
+    """(rule, path, reason) of a rejection without what is particular to one fan-out item: the
+    index in its path and the ``item N of …:`` prefix of its reason, so like rejections count together."""
+    reason = rejection.reason
+    if rejection.item is not None and reason.startswith("item ") and ": " in reason:
+        reason = reason.split(": ", 1)[1]
+    return rejection.rule, general_path(rejection.path), reason
+
+
+def _walk(value: dict[str, Any], prefix: str, found: dict[str, Any]) -> None:
+    for key, child in value.items():
+        path = prefix + key
+        if child.__class__ is dict:
+            _walk(child, path + ".", found)
+        elif _objects(child):
+            elements = [field_values(element) for element in child]
+            names = dict.fromkeys(name for element in elements for name in element)
+            for name in names:
+                found[f"{path}[].{name}"] = [element.get(name) for element in elements]
+        else:
+            found[path] = child
+
+
+def _lengths(value: dict[str, Any], prefix: str, lengths: dict[str, int]) -> None:
+    for key, child in value.items():
+        path = prefix + key
+        if child.__class__ is dict:
+            _lengths(child, path + ".", lengths)
+        elif _objects(child):
+            lengths[path + "[]"] = lengths.get(path + "[]", 0) + len(child)
+            for element in child:
+                _lengths(element, path + "[].", lengths)
+
+
+def _objects(value: Any) -> bool:
+    return value.__class__ is list and bool(value) and all(element.__class__ is dict for element in value)
