@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine
-from .field_paths import array_lengths, field_values, rejection_key
+from .field_paths import count_fields, rejection_key
 from .outcome import Outcome
 from .source import Record
 
@@ -70,9 +70,7 @@ class Coverage:
         for emitted in outcome.emitted:
             use = self._rules[emitted.rule]
             use.emitted += 1
-            for path, value in field_values(emitted.event).items():
-                use.filled[path] += sum(v is not None for v in value) if "[]" in path else 1
-            use.lengths.update(array_lengths(emitted.event))
+            count_fields(emitted.event, use.filled, use.lengths)
         for rejection in outcome.rejected:
             if rejection.rule is None:
                 continue
@@ -103,8 +101,9 @@ class Coverage:
         return {"events": self.events, "outcomes": outcomes, "arrivals": arrivals, "rules": rules}
 
     def _fill_rates(self, use: _RuleUse, declared: list[str]) -> dict[str, dict[str, Any]]:
-        paths = dict.fromkeys(declared)
-        paths.update(dict.fromkeys(sorted(use.filled)))
+        order = {name: position for position, name in enumerate(declared)}
+        top = lambda path: path.split(".")[0].removesuffix("[]")  # noqa: E731
+        paths = sorted({*declared, *use.filled}, key=lambda path: (order.get(top(path), len(order)), top(path), path))
         rates = {}
         for path in paths:
             array = path[:path.rindex("[]") + 2] if "[]" in path else None

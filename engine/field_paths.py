@@ -4,6 +4,7 @@ as ``diff`` and ``coverage`` report them."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 from .outcome import Rejection
@@ -20,11 +21,11 @@ def field_values(event: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def array_lengths(event: dict[str, Any]) -> dict[str, int]:
-    """The length of each array of objects in ``event`` by path (``items[]``), for fill rates."""
-    lengths: dict[str, int] = {}
-    _lengths(event, "", lengths)
-    return lengths
+def count_fields(event: dict[str, Any], filled: Counter[str], lengths: Counter[str]) -> None:
+    """Add one to ``filled`` for every field ``event`` has, objects included (``placement`` and
+    ``placement.position``; ``items[].vendorId`` once per element that has it), and the length of
+    each array of objects to ``lengths`` (``items[]``): the counts behind fill rates."""
+    _count(event, "", filled, lengths)
 
 
 def general_path(path: str) -> str:
@@ -55,15 +56,16 @@ def _walk(value: dict[str, Any], prefix: str, found: dict[str, Any]) -> None:
             found[path] = child
 
 
-def _lengths(value: dict[str, Any], prefix: str, lengths: dict[str, int]) -> None:
+def _count(value: dict[str, Any], prefix: str, filled: Counter[str], lengths: Counter[str]) -> None:
     for key, child in value.items():
         path = prefix + key
+        filled[path] += 1
         if child.__class__ is dict:
-            _lengths(child, path + ".", lengths)
+            _count(child, path + ".", filled, lengths)
         elif _objects(child):
-            lengths[path + "[]"] = lengths.get(path + "[]", 0) + len(child)
+            lengths[path + "[]"] += len(child)
             for element in child:
-                _lengths(element, path + "[].", lengths)
+                _count(element, path + "[].", filled, lengths)
 
 
 def _objects(value: Any) -> bool:
