@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .engine import Engine
-from .field_paths import field_values, rejection_key
+from .field_paths import bounded, field_values, rejection_key
 from .outcome import Emitted, Outcome, Rejection
 from .source import Record
 
@@ -150,9 +150,10 @@ class RuleSetDiff:
             before, after = old.get(path), new.get(path)
             if before == after:
                 continue
-            found = self._fields.get(f"{kind}.{path}")
+            name = bounded(f"{kind}.{path}", self._fields)
+            found = self._fields.get(name)
             if found is None:
-                found = self._fields[f"{kind}.{path}"] = _FieldChanges()
+                found = self._fields[name] = _FieldChanges()
             if path not in old:
                 found.gained += 1
             elif path not in new:

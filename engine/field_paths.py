@@ -21,11 +21,22 @@ def field_values(event: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+MAX_FIELDS = 1_000
+"""Distinct field paths counted; free-form objects (``dsp_metadata``) take their keys from the
+events, so paths beyond this many are counted together as :data:`OTHER_FIELDS`."""
+OTHER_FIELDS = "(other fields)"
+
+
 def count_fields(event: dict[str, Any], filled: Counter[str], lengths: Counter[str]) -> None:
     """Add one to ``filled`` for every field ``event`` has, objects included (``placement`` and
     ``placement.position``; ``items[].vendorId`` once per element that has it), and the length of
     each array of objects to ``lengths`` (``items[]``): the counts behind fill rates."""
     _count(event, "", filled, lengths)
+
+
+def bounded(path: str, known: dict[str, Any]) -> str:
+    """``path``, or :data:`OTHER_FIELDS` when ``known`` is full and does not hold it yet."""
+    return path if path in known or len(known) < MAX_FIELDS else OTHER_FIELDS
 
 
 def general_path(path: str) -> str:
@@ -59,11 +70,11 @@ def _walk(value: dict[str, Any], prefix: str, found: dict[str, Any]) -> None:
 def _count(value: dict[str, Any], prefix: str, filled: Counter[str], lengths: Counter[str]) -> None:
     for key, child in value.items():
         path = prefix + key
-        filled[path] += 1
+        filled[bounded(path, filled)] += 1
         if child.__class__ is dict:
             _count(child, path + ".", filled, lengths)
         elif _objects(child):
-            lengths[path + "[]"] += len(child)
+            lengths[bounded(path + "[]", lengths)] += len(child)
             for element in child:
                 _count(element, path + "[].", filled, lengths)
 

@@ -146,3 +146,31 @@ def test_test_coverage_lists_untested_branches_fields_and_rules(tmp_path: Path) 
 def test_test_without_coverage_prints_no_coverage() -> None:
     result = run_cli("test")
     assert result.returncode == 0 and result.stdout == b""
+
+
+def test_memory_stays_bounded_whatever_the_names_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import Engine, coverage, diff, field_paths
+    from engine.source import Record
+
+    monkeypatch.setattr(coverage, "MAX_ARRIVALS", 5)
+    monkeypatch.setattr(field_paths, "MAX_FIELDS", 20)
+    engine = Engine.from_folders()
+    events = [{"type": "track", "event": name, "messageId": f"m-{number}", "timestamp": "2026-01-01T00:00:00Z",
+               "anonymousId": "a", "properties": {"resolvedBidId": "b", "dspMetadata": {f"key-{number}": 1}}}
+              for number, name in enumerate(["Product Viewed"] * 50 + [f"Made Up {n}" for n in range(50)])]
+    records = [Record("-", number, b"", event=event) for number, event in enumerate(events)]
+    report = coverage.coverage_of(records, engine).report()
+    assert len(report["arrivals"]) == 5 + 1
+    assert report["arrivals"][1] == {"type": "(other)", "event": None, "count": 46, "rules": {}, "none": 46}
+    fields = report["rules"]["product-viewed"]["fields"]
+    assert field_paths.OTHER_FIELDS in fields and len(fields) <= 20 + len(engine.rule("product-viewed").leaves)
+    assert sum(f["filled"] for p, f in fields.items() if p.startswith("dsp_metadata.") or p == field_paths.OTHER_FIELDS) \
+        == fields["dsp_metadata"]["filled"] == 50
+
+    renamed = [Record("-", r.line, b"", event={**r.event, "properties": {
+        **r.event["properties"], "dspMetadata": {f"other-{r.line}": 2}}}) for r in records]
+    found = diff.RuleSetDiff(examples=1)
+    for old, new in zip(records, renamed):
+        found.add(engine.process(old.event), engine.process(new.event))
+    assert len(found.report()["fields"]) == 20 + 1
+    assert found.report()["fields"][field_paths.OTHER_FIELDS]["gained"] > 0
