@@ -178,7 +178,7 @@ class RuleSetDiff:
 
 def diff_records(records: Iterable[Record], before: Engine, after: Engine, examples: int = 3) -> RuleSetDiff:
     """Run every record through both engines, once each, and accumulate what differs."""
-    found = RuleSetDiff(examples, rule_kinds(before, after))
+    found = RuleSetDiff(examples, _rule_kinds(before, after))
     add, old, new = found.add, before.process, after.process
     for record in records:
         if record.error is not None:
@@ -190,7 +190,7 @@ def diff_records(records: Iterable[Record], before: Engine, after: Engine, examp
     return found
 
 
-def rule_kinds(before: Engine, after: Engine) -> dict[str, str]:
+def _rule_kinds(before: Engine, after: Engine) -> dict[str, str]:
     """Each rule's kind, ``old→new`` where the two rule sets differ on it."""
     old = {rule.name: rule.kind for rule in before.rules.rules}
     new = {rule.name: rule.kind for rule in after.rules.rules}

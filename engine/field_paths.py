@@ -39,7 +39,7 @@ def bounded(path: str, known: dict[str, Any]) -> str:
     return path if path in known or len(known) < MAX_FIELDS else OTHER_FIELDS
 
 
-def general_path(path: str) -> str:
+def _general_path(path: str) -> str:
     """A JSON path of a rejection with its indices generalised: ``$.items[2].unitPrice`` -> ``$.items[].unitPrice``."""
     return _INDEX.sub("[]", path)
 
@@ -50,7 +50,7 @@ def rejection_key(rejection: Rejection) -> tuple[str | None, str, str]:
     reason = rejection.reason
     if rejection.item is not None and reason.startswith("item ") and ": " in reason:
         reason = reason.split(": ", 1)[1]
-    return rejection.rule, general_path(rejection.path), reason
+    return rejection.rule, _general_path(rejection.path), reason
 
 
 def _walk(value: dict[str, Any], prefix: str, found: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import orjson
 
-from .cli import _engine, _progress, stderr
+from .cli import _engine, _progress
 from .cli_options import RulesFolder, rules_option
 from .coverage import coverage_of
 from .diff import diff_records
@@ -38,10 +38,10 @@ def diff_command(files: tuple[str, ...], base_dirs: tuple[Path, ...], rule_dirs:
 
     FILES as for `map`. The events stream: both rule sets map each event in one pass.
     """
-    records = _records(files)
+    sources = _sources(files)
     before, after = _engine(base_dirs), _engine(rule_dirs)
     with _progress("comparing") as advance:
-        found = diff_records(_counted(records, advance), before, after, examples)
+        found = diff_records(_counted(sources, advance), before, after, examples)
     report = found.report()
     _print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n" if output_format == "json"
            else diff_text(report, markdown=output_format == "markdown"))
@@ -60,16 +60,16 @@ def coverage_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], output
 
     FILES as for `map`.
     """
-    records = _records(files)
+    sources = _sources(files)
     engine = _engine(rule_dirs)
     with _progress("reading") as advance:
-        found = coverage_of(_counted(records, advance), engine)
+        found = coverage_of(_counted(sources, advance), engine)
     report = found.report(top)
     _print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n" if output_format == "json"
            else coverage_text(report, markdown=output_format == "markdown"))
 
 
-def _records(files: tuple[str, ...]) -> list[str]:
+def _sources(files: tuple[str, ...]) -> list[str]:
     try:
         return expand_sources(files or ("-",))
     except InputError as exc:
