@@ -44,8 +44,16 @@ def resolve_rules_folder(name: str, cleanup: ExitStack) -> Path:
         return target
     target.mkdir(parents=True)
     with tarfile.open(fileobj=io.BytesIO(_git("archive", "--format=tar", name, what=name))) as archive:
-        archive.extractall(target, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(target, filter="data")
+        else:  # Python < 3.11.4: plain files and folders only, none outside the target
+            archive.extractall(target, members=[m for m in archive.getmembers() if _plain(m)])
     return target
+
+
+def _plain(member: tarfile.TarInfo) -> bool:
+    parts = Path(member.name).parts
+    return (member.isfile() or member.isdir()) and not Path(member.name).is_absolute() and ".." not in parts
 
 
 def _git(*args: str, what: str) -> bytes:
