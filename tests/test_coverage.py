@@ -174,3 +174,37 @@ def test_memory_stays_bounded_whatever_the_names_and_keys(monkeypatch: pytest.Mo
         found.add(engine.process(old.event), engine.process(new.event))
     assert len(found.report()["fields"]) == 20 + 1
     assert found.report()["fields"][field_paths.OTHER_FIELDS]["gained"] > 0
+
+
+def test_test_coverage_evaluates_fields_as_the_generated_code_does() -> None:
+    """The separate evaluation behind `test --coverage` against the engine's own generated code:
+    over the corpus as tests of every bundled rule, each field got a value exactly as often."""
+    import dataclasses
+
+    from benchmarks.corpus import generate
+    from engine import Engine
+    from engine.fields import FieldError
+    from engine.rule_test_coverage import rule_test_coverage
+
+    events = list(generate(1500, seed=11))
+    for rule in Engine.from_folders().rules.rules:
+        expected: Counter[str] = Counter()
+        for event in events:
+            if rule.mismatch(event) is not None:
+                continue
+            try:
+                contexts = rule.contexts(event)
+            except FieldError:
+                continue
+            for _, context in contexts:
+                for leaf in rule.leaves:
+                    try:
+                        value = leaf.evaluate(context)
+                    except FieldError:
+                        continue
+                    expected[leaf.path] += value is not None and value != ""
+        tested = dataclasses.replace(rule, tests=[{"event": event} for event in events])
+        found = rule_test_coverage([tested])[0]
+        assert {leaf.path: found.fields[leaf.path] for leaf in rule.leaves} == {
+            leaf.path: expected[leaf.path] for leaf in rule.leaves}, rule.name
+        assert sum(expected.values()) > 0 or not rule.enabled
