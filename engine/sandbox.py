@@ -50,6 +50,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .http_server import ServerStartError, listen, start_in_thread
 from .outcome import KINDS
 from .paths import TOPSORT_SCHEMA
+from .topsort_schema import topsort_schema
 
 _DOC_URL = "https://docs.topsort.com/"
 _JSON = "application/json"
@@ -427,7 +428,7 @@ def _describe(error: jsonschema_rs.ValidationError) -> tuple[str, str]:
         code = "purchase_item_quantity_less_or_equal_than_zero"
     else:
         code = "bad_request"
-    return code, f"{where}: {error.message}"
+    return code, f"{where}: {topsort_schema().reason(error)}"
 
 
 def _transport(scope: Scope) -> asyncio.Transport:

@@ -71,7 +71,7 @@ class OutputValidator:
 
 def _problem(error: Any, item: int | None = None, within: str | None = None) -> Problem:
     path = list(error.instance_path)
-    reason = error.message
+    reason = topsort_schema().reason(error)
     missing = _missing_property(error)
     if missing is not None:
         path.append(missing)
