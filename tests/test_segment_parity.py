@@ -70,7 +70,8 @@ def test_impression_preset_maps_every_field(bundled: CheckedEngine) -> None:
 @pytest.mark.parametrize(("preset", "kind"), [("Product Clicked", "clicks"), ("Banner Click", "clicks"),
                                               ("Banner Impression", "impressions")])
 def test_click_and_banner_presets_map_like_the_impression(bundled: CheckedEngine, preset: str, kind: str) -> None:
-    properties = {"resolvedBidId": "bid-9", "object": {"type": "banner", "assetId": "hero"}, "channel": "offsite"}
+    properties = {"resolvedBidId": "bid-9", "object": {"type": "banner", "assetId": "hero"}, "channel": "offsite",
+                  "product_id": "p-9"}  # with a bid, no entity is made of the product id
     viewed = bundled.outputs(track("Product Viewed", properties=properties))
     outcome = bundled.process(track(preset, properties=properties))
     assert [(e.kind, e.event) for e in outcome.emitted] == [(kind, viewed[0])]
