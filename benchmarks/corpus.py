@@ -155,7 +155,7 @@ class _Maker:
         }
         if rng.random() < 0.7:
             properties["resolvedBidId"] = self.bid()
-        elif rng.random() < 0.6:
+        elif rng.random() < 0.8:
             properties["entity"] = {"type": "vendor", "id": f"vendor-{self.between(1, 50)}"}  # organic
         if rng.random() < 0.3:
             properties["externalVendorId"] = self.pick((f"vendor-{self.between(1, 50)}", self.between(1, 50)))
