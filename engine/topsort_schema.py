@@ -34,6 +34,14 @@ class Alternative:
         return " and ".join(self.fields) + (f" ({self.label})" if self.label else "")
 
 
+def json_path(parts: Sequence[str | int]) -> str:
+    """``['items', 2, 'unitPrice']`` -> ``$.items[2].unitPrice``."""
+    out = "$"
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
 def needs(alternatives: Sequence[Alternative]) -> str:
     """``needs resolvedBidId (sponsored) or entity (organic)``."""
     return "needs " + " or ".join(map(str, alternatives))
@@ -105,12 +113,16 @@ class TopsortSchema:
         keys missing at its top level may come from the other parts, so they are not held against it.
         """
         validator = self._place_validator(orjson.dumps(node.schema, option=orjson.OPT_SORT_KEYS))
+        try:
+            errors = list(validator.iter_errors(value))
+        except ValueError as exc:  # a YAML date, say: no JSON value
+            return f"not a JSON value ({exc})"
         reasons = []
-        for error in validator.iter_errors(value):
+        for error in errors:
             if partial and not list(error.instance_path) and type(error.kind).__name__ in ("Required", "AnyOf"):
                 continue
-            path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error.instance_path)
-            reasons.append((f"at {path.lstrip('.')}: " if path else "") + self.reason(error))
+            where = json_path(error.instance_path).removeprefix("$").removeprefix(".")
+            reasons.append((f"at {where}: " if where else "") + self.reason(error))
         return "; ".join(reasons) or None
 
     def _place_validator(self, schema: bytes) -> Any:
