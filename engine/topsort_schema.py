@@ -80,6 +80,7 @@ class TopsortSchema:
         }
         self.request_validator = jsonschema_rs.validator_for(self.document, validate_formats=True)
         self._places: dict[bytes, Any] = {}  # validators of single places, by their schema
+        self._choices: dict[tuple[str | int, ...], str] = {}  # worded anyOf of choices, by schema path
 
     def kind_schema(self, kind: Kind) -> dict[str, Any]:
         """A standalone JSON Schema for one event of ``kind``."""
@@ -100,10 +101,14 @@ class TopsortSchema:
         library's message, except that an unmet choice of required fields says which fields and
         which kind of event each makes (``needs resolvedBidId (sponsored) or entity (organic)``)."""
         if type(error.kind).__name__ == "AnyOf":
-            branches = self._at(error.schema_path)
-            alternatives = _alternatives({"anyOf": branches}) if isinstance(branches, list) else ()
-            if alternatives:
-                return needs(alternatives)
+            where = tuple(error.schema_path)
+            worded = self._choices.get(where)
+            if worded is None:
+                branches = self._at(where)
+                alternatives = _alternatives({"anyOf": branches}) if isinstance(branches, list) else ()
+                worded = self._choices[where] = needs(alternatives) if alternatives else ""
+            if worded:
+                return worded
         return error.message
 
     def refusal(self, node: SchemaNode, value: Any, *, partial: bool = False) -> str | None:
