@@ -180,12 +180,16 @@ def test_the_readme_offsite_click_maps_as_documented() -> None:
     assert [(made.kind, made.event) for made in outcome.emitted] == [("clicks", click)]
 
 
-def test_the_readme_walk_through_rule_checks_and_its_tests_pass(tmp_path: Path) -> None:
-    (tmp_path / "wishlist.yaml").write_text(_block("Create `my-rules/wishlist.yaml`", "yaml"))
+@pytest.mark.parametrize(("after", "rule", "tests"), [
+    ("## Writing rules", "product-viewed", 2),
+    ("Create `my-rules/wishlist.yaml`", "wishlist-like", 3),
+])
+def test_the_readme_rules_check_and_their_tests_pass(tmp_path: Path, after: str, rule: str, tests: int) -> None:
+    (tmp_path / "mine.yaml").write_text(_block(after, "yaml"))
     rules, problems = check_rules([BUNDLED_RULES, tmp_path])
-    assert problems == []
-    results = [result for result in run_rule_tests(rules) if result.rule.name == "wishlist-like"]
-    assert len(results) == 3 and all(result.passed for result in results), [r.failure for r in results]
+    assert [p for p in problems if p.severity == "error"] == []
+    results = [result for result in run_rule_tests(rules) if result.rule.name == rule]
+    assert len(results) == tests and all(result.passed for result in results), [r.failure for r in results]
 
 
 @pytest.mark.parametrize("preset", [*SINGLE, LIST])
