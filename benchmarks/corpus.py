@@ -2,7 +2,10 @@
 
 Every preset of the bundled rules appears (Product Viewed, Product Clicked, Banner Impression,
 Banner Click, Product List Viewed with 0–48 products, Order Completed with 1–20 items, page and
-screen calls), beside events no rule wants (identify, other track events). Values are as messy as
+screen calls), beside events no rule wants (identify, other track events). Impressions and clicks
+are sponsored (a bid), organic (a product id or an entity, no bid) or, now and then, neither; some
+are offsite (from an ad elsewhere, with the DSP's click ids); lists mix items with and without a
+bid. Values are as messy as
 real sources send them: numeric strings for prices and quantities, ids as numbers, timestamps with
 ``Z``, an offset, no zone or as epoch milliseconds, mixed-case device types, server events with a
 ``userId`` only, and now and then a value Topsort refuses. Each event carries a full Segment
@@ -33,6 +36,7 @@ _WEIGHTS = {
     "Product Viewed": 26, "Product List Viewed": 8, "Product Clicked": 9, "Banner Impression": 5,
     "Banner Click": 2, "Order Completed": 4, "page": 18, "screen": 6, "identify": 8, "other track": 14,
 }
+_CLICK_IDS = ("gclid", "fbclid", "ttclid", "msclkid")
 _OTHER_TRACKS = ("Products Searched", "Cart Viewed", "Checkout Started", "Product Added", "Signed In",
                  "Coupon Applied", "Promotion Viewed")
 _WRITE_KEYS = {"web": "wkWeb7Qm2Xr9LpT4vKc8NzA1sD5fG3hJ", "app": "wkApp3Vb8Nq1ZxC6mLk2PwR9tY4uE7iO",
@@ -132,7 +136,9 @@ class _Maker:
         if rng.random() < 0.3:
             properties["entity"] = {"id": product["product_id"], "type": "product"}
         if rng.random() < 0.15:
-            properties["dspMetadata"] = {"gclid": self.hex(24), "campaign": self.between(1, 500)}
+            self.offsite(properties)
+        elif rng.random() < 0.03:
+            del properties["product_id"]  # neither a bid nor a product, unless an entity: rejected
         if rng.random() < 0.1:
             properties["externalCampaignId"] = f"camp-{self.between(1, 99)}"
         event = self.track(name, properties)
@@ -149,6 +155,8 @@ class _Maker:
         }
         if rng.random() < 0.7:
             properties["resolvedBidId"] = self.bid()
+        elif rng.random() < 0.8:
+            properties["entity"] = {"type": "vendor", "id": f"vendor-{self.between(1, 50)}"}  # organic
         if rng.random() < 0.3:
             properties["externalVendorId"] = self.pick((f"vendor-{self.between(1, 50)}", self.between(1, 50)))
         return self.track(name, properties)
@@ -207,6 +215,11 @@ class _Maker:
         return self.track(name, properties)
 
     # -- parts ---------------------------------------------------------------------------------
+
+    def offsite(self, properties: dict[str, Any]) -> None:
+        """An interaction with an ad on another site: channel offsite and the DSP's click ids."""
+        properties["channel"] = "offsite"
+        properties["dspMetadata"] = {self.pick(_CLICK_IDS): self.hex(24), "campaign": self.between(1, 500)}
 
     def track(self, name: str, properties: dict[str, Any]) -> Event:
         event = self.envelope("track")
@@ -316,6 +329,10 @@ class _Maker:
             product["resolvedBidId"] = self.bid()
             if rng.random() < 0.2:
                 product["additionalAttribution"] = {"id": f"v-{self.between(1, 99)}", "type": "vendor"}
+        elif lean and rng.random() < 0.05:
+            product["entity"] = {"type": "vendor", "id": f"vendor-{self.between(1, 50)}"}
+        elif lean and rng.random() < 0.01:
+            del product["product_id"]  # an item with neither: rejected alone
         return product
 
     def order_item(self) -> dict[str, Any]:

@@ -45,9 +45,9 @@ class HandWritten:
         }
         self._tracks: dict[str, Callable[[dict[str, Any]], list[Mapped]]] = {
             "Product Viewed": lambda event: self._interaction(event, "impressions", "product-viewed"),
-            "Banner Impression": lambda event: self._interaction(event, "impressions", "banner-impression"),
+            "Banner Impression": lambda event: self._interaction(event, "impressions", "banner-impression", banner=True),
             "Product Clicked": lambda event: self._interaction(event, "clicks", "product-clicked"),
-            "Banner Click": lambda event: self._interaction(event, "clicks", "banner-click"),
+            "Banner Click": lambda event: self._interaction(event, "clicks", "banner-click", banner=True),
             "Product List Viewed": self._product_list,
             "Order Completed": self._purchase,
         }
@@ -71,7 +71,7 @@ class HandWritten:
 
     # -- presets ---------------------------------------------------------------------------------
 
-    def _interaction(self, event: dict[str, Any], kind: str, rule: str) -> list[Mapped]:
+    def _interaction(self, event: dict[str, Any], kind: str, rule: str, banner: bool = False) -> list[Mapped]:
         props = _obj(event.get("properties"))
         context = _obj(event.get("context"))
         context_page = _obj(context.get("page"))
@@ -81,7 +81,8 @@ class HandWritten:
             _put(out, "additionalAttribution", _entity(props.get("additionalAttribution")))
             _put(out, "externalVendorId", to_string(props.get("externalVendorId")))
             _put(out, "externalCampaignId", to_string(props.get("externalCampaignId")))
-            _put(out, "entity", _entity(props.get("entity")))
+            organic = None if banner or _truthy(props.get("resolvedBidId")) else _product_entity(props)
+            _put(out, "entity", _entity(_first(props.get("entity"), organic)))
             _put(out, "object", _fit_object(props.get("object"), _OBJECT))
             _put(out, "channel", to_string(props.get("channel")))
             _put(out, "dsp_metadata", _dsp_metadata(props.get("dspMetadata")))
@@ -114,6 +115,8 @@ class HandWritten:
                 out["id"] = prefix + str(index)
             _put(out, "resolvedBidId", to_string(product.get("resolvedBidId")))
             _put(out, "additionalAttribution", _entity(product.get("additionalAttribution")))
+            if not _truthy(product.get("resolvedBidId")):
+                _put(out, "entity", _entity(_first(product.get("entity"), _product_entity(product))))
             if validator.is_valid(out):
                 mapped.append(("impressions", "product-list-viewed", out))
         return mapped
@@ -254,6 +257,12 @@ def _purchase_item(product: dict[str, Any]) -> dict[str, Any] | None:
     _put_some(item, "quantity", to_integer(product.get("quantity")))
     _put_some(item, "vendorId", to_string(_first(product.get("vendorId"), product.get("brand"))))
     return item or None
+
+
+def _product_entity(holder: dict[str, Any]) -> dict[str, Any] | None:
+    """The organic entity of a product id, when there is one."""
+    product_id = holder.get("product_id")
+    return {"type": "product", "id": product_id} if _truthy(product_id) else None
 
 
 def _entity(value: Any) -> Any:

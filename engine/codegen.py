@@ -3,9 +3,10 @@
 The field specs of a rule (see :mod:`engine.fields`) each turn into a few lines of straight
 Python instead of a tree of closures: plain JMESPath paths (``a.b.c``, the large majority)
 become ``dict.get`` chains whose common prefixes are looked up once, function calls whose
-arguments are paths or literals call the function directly, and anything else calls the
-expression's compiled closure. The generated code does what the closures would do, value for
-value; the tests hold it to the JMESPath reference and to Segment's behaviour.
+arguments are paths or literals call the function directly, ``||``, ``&&`` and ``!`` are
+inlined, and anything else calls the expression's compiled closure. The generated code does
+what the closures would do, value for value; the tests hold it to the JMESPath reference and to
+Segment's behaviour.
 
 A fragment of code is an :data:`Emit`: given a :class:`Writer` and the :class:`Scope` it is
 evaluated in, it writes statements and returns the name of the local holding its value.
@@ -193,7 +194,7 @@ def _inlinable(node: dict[str, Any]) -> bool:
         return resolve_call(node["value"], len(node["children"])) is not None and all(
             map(_inlinable, node["children"])
         )
-    if kind in ("or_expression", "and_expression"):
+    if kind in ("or_expression", "and_expression", "not_expression"):
         return all(map(_inlinable, node["children"]))
     return False
 
@@ -227,6 +228,8 @@ def _inline(node: dict[str, Any], writer: Writer, scope: Scope) -> str:
         return writer.bind(node["value"])
     if kind in ("or_expression", "and_expression"):
         return _logic(node, writer, scope)
+    if kind == "not_expression":  # JMESPath's !x: x is false (0 is not)
+        return writer.local(f"{writer.bind(is_false)}({_inline(node['children'][0], writer, scope)})")
     call = resolve_call(node["value"], len(node["children"]))
     arguments = [_inline(child, writer, scope) for child in node["children"]]
     return writer.local(f"{writer.bind(call)}({', '.join(arguments)})")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
+import orjson
 from jmespath.exceptions import JMESPathError
 
 from . import codegen
@@ -34,7 +35,7 @@ from .coercion import COERCIONS
 from .conform import conformer, native_type
 from .expressions import ExpressionSyntaxError, compile_expression, function_problems, referenced_names
 from .outcome import KINDS
-from .topsort_schema import SchemaNode, topsort_schema
+from .topsort_schema import SchemaNode, needs, topsort_schema
 from .yaml_source import Path_
 
 Evaluate = Callable[[Any], Any]
@@ -230,6 +231,10 @@ class FieldCompiler:
             emit = self._child(key, spec, ypath, (), node)
             if emit is not None:
                 leaves.append(Leaf(key, spec, emit))
+        if node.alternatives and not any(set(choice.fields) <= fields.keys() for choice in node.alternatives):
+            none = "neither" if len(node.alternatives) == 2 else "none of them"
+            self.report(ypath, f"every Topsort {self.kind} event {needs(node.alternatives)}, and this rule maps "
+                               f"{none}: each event it takes would be rejected", key=True)
         shared = frozenset(leaf.path for leaf in leaves if per_item and per_item.isdisjoint(_names(leaf.spec)))
         return leaves, shared
 
@@ -256,9 +261,11 @@ class FieldCompiler:
         return message + f"; allowed: {', '.join(sorted(node.properties))}"
 
     def field(
-        self, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True
+        self, spec: Any, ypath: Path_, opath: tuple[str, ...], node: SchemaNode, *, fit: bool = True,
+        partial: bool = False,
     ) -> Emit:
-        """The code computing one field's value (None when absent)."""
+        """The code computing one field's value (None when absent); ``partial``: it is one part of
+        the value at its place (a part of a ``merge``)."""
         if isinstance(spec, str):
             emit = expression_at(spec, ypath, _dotted(opath), self.report)
         elif isinstance(spec, dict) and not is_spec(spec):
@@ -268,7 +275,7 @@ class FieldCompiler:
                         field=_dotted(opath))
             return _null
         else:
-            emit = self._spec(spec, ypath, opath, node)
+            emit = self._spec(spec, ypath, opath, node, partial)
         return _fitted(emit, node) if fit else emit
 
     def _object(
@@ -292,7 +299,9 @@ class FieldCompiler:
 
         return build
 
-    def _spec(self, spec: dict[str, Any], ypath: Path_, opath: tuple[str, ...], node: SchemaNode) -> Emit:
+    def _spec(
+        self, spec: dict[str, Any], ypath: Path_, opath: tuple[str, ...], node: SchemaNode, partial: bool = False
+    ) -> Emit:
         sources = [key for key in SOURCES if key in spec]
         name = _dotted(opath)
         if len(sources) > 1 or (not sources and "each" not in spec):
@@ -312,6 +321,7 @@ class FieldCompiler:
         item = spec.get("item", DEFAULT_ITEM)
         produce = self._source(spec, sources[0] if sources else None, ypath, opath, element, item)
         produce = _finish(produce, spec)
+        self._refuse_constants(spec, ypath, name, element, partial)
         if each is not None:
             produce = _each(expression_at(each, (*ypath, "each"), name, self.report), item, produce)
         if "if" in spec:
@@ -332,8 +342,33 @@ class FieldCompiler:
             return _constant(spec["const"])
         if source == "fields":
             return self._object(spec["fields"], at, opath, node, fit=False)
-        parts = [self.field(part, (*at, i), opath, node, fit=False) for i, part in enumerate(spec[source])]
+        parts = [self.field(part, (*at, i), opath, node, fit=False, partial=source == "merge")
+                 for i, part in enumerate(spec[source])]
         return _first(parts) if source == "first" else _merge(parts)
+
+    def _refuse_constants(
+        self, spec: dict[str, Any], ypath: Path_, name: str, node: SchemaNode, partial: bool
+    ) -> None:
+        """Report a ``const``, ``lookup`` value or ``default`` that the Topsort schema refuses at
+        this place, once fitted like any value there: every event it reaches would be rejected."""
+        cast = COERCIONS.get(spec.get("as", ""))
+        found: list[tuple[str, Path_, Any, bool]] = []  # (what, where, value, whether 'as' applies)
+        if "const" in spec:
+            found.append(("const {}", (*ypath, "const"), spec["const"], True))
+        for key, value in (spec.get("lookup") or {}).items():
+            found.append((f"lookup value {{}} (for {_json(key)})", (*ypath, "lookup", str(key)), value, True))
+        if "default" in spec:
+            found.append(("default {}", (*ypath, "default"), spec["default"], False))
+        fit = conformer(node)
+        for what, at, value, coerced in found:
+            if coerced and cast is not None:
+                value = cast(value)
+            if fit is not None and value is not None:
+                value = fit(value)
+            why = topsort_schema().refusal(node, value, partial=partial) if value is not None else None
+            if why is not None:
+                self.report(at, f"{what.format(_json(value))} would be rejected on every event it reaches: {why}",
+                            field=name)
 
 
 def _fitted(emit: Emit, node: SchemaNode) -> Emit:
@@ -456,6 +491,10 @@ def _nothing(context: Any) -> None:
 
 def _null(writer: Writer, scope: Scope) -> str:
     return "None"
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
 
 
 def _dotted(opath: tuple[str, ...]) -> str:

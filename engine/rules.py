@@ -24,8 +24,8 @@ from .fields import (
     truthy,
 )
 from .outcome import Emitted, Kind, Rejection
-from .topsort_schema import topsort_schema
-from .validation import OutputValidator, json_path
+from .topsort_schema import json_path, topsort_schema
+from .validation import OutputValidator
 from .yaml_source import Path_
 
 TRACK = "track"

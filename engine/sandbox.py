@@ -50,6 +50,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .http_server import ServerStartError, listen, start_in_thread
 from .outcome import KINDS
 from .paths import TOPSORT_SCHEMA
+from .topsort_schema import json_path, topsort_schema
 
 _DOC_URL = "https://docs.topsort.com/"
 _JSON = "application/json"
@@ -411,7 +412,7 @@ class _Service:
 def _describe(error: jsonschema_rs.ValidationError) -> tuple[str, str]:
     """A Topsort-like errCode and a message with the JSON path for a schema error."""
     path, keyword = list(error.instance_path), error.schema_path[-1]
-    where = "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+    where = json_path(path)
     missing = getattr(error.kind, "property", None) if keyword == "required" else None
     if not path and keyword == "anyOf":
         return "empty_request", "the request holds no events: send at least one non-empty array of " + ", ".join(KINDS)
@@ -427,7 +428,7 @@ def _describe(error: jsonschema_rs.ValidationError) -> tuple[str, str]:
         code = "purchase_item_quantity_less_or_equal_than_zero"
     else:
         code = "bad_request"
-    return code, f"{where}: {error.message}"
+    return code, f"{where}: {topsort_schema().reason(error)}"
 
 
 def _transport(scope: Scope) -> asyncio.Transport:

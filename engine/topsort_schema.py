@@ -1,12 +1,14 @@
 """The Topsort Events v2 schema, loaded once: a fast validator and a field tree per kind.
 
 The field tree (:class:`SchemaNode`) is what the rule compiler consults to reject unknown
-output fields at load time and to coerce values to the types Topsort declares.
+output fields, constants Topsort would refuse and rules that cannot meet a kind's alternatives
+(an impression is sponsored or organic) at load time, and to coerce values to the types Topsort
+declares. :meth:`TopsortSchema.reason` words a validation error for a rejection or a 400.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -22,6 +24,30 @@ _DEFINITION = {"impressions": "impression", "clicks": "click", "purchases": "pur
 
 
 @dataclass(frozen=True, slots=True)
+class Alternative:
+    """One branch of an ``anyOf`` that only requires fields, e.g. sponsored: ``resolvedBidId``."""
+
+    fields: tuple[str, ...]
+    label: str | None = None
+
+    def __str__(self) -> str:
+        return " and ".join(self.fields) + (f" ({self.label})" if self.label else "")
+
+
+def json_path(parts: Sequence[str | int]) -> str:
+    """``['items', 2, 'unitPrice']`` -> ``$.items[2].unitPrice``."""
+    out = "$"
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def needs(alternatives: Sequence[Alternative]) -> str:
+    """``needs resolvedBidId (sponsored) or entity (organic)``."""
+    return "needs " + " or ".join(map(str, alternatives))
+
+
+@dataclass(frozen=True, slots=True)
 class SchemaNode:
     """What the schema says of one place in a Topsort event."""
 
@@ -30,6 +56,8 @@ class SchemaNode:
     closed: bool = False
     values: SchemaNode | None = None  # schema of the values of an open object
     items: SchemaNode | None = None
+    alternatives: tuple[Alternative, ...] = ()  # an object must hold the fields of one of these
+    schema: Mapping[str, Any] = field(default_factory=dict, compare=False)  # as written, $refs kept
 
     def child(self, key: str) -> SchemaNode | None:
         """The node of ``key`` in this object, or None when the schema does not allow it."""
@@ -51,6 +79,8 @@ class TopsortSchema:
             kind: jsonschema_rs.validator_for(self.kind_schema(kind), validate_formats=True) for kind in KINDS
         }
         self.request_validator = jsonschema_rs.validator_for(self.document, validate_formats=True)
+        self._places: dict[bytes, Any] = {}  # validators of single places, by their schema
+        self._choices: dict[tuple[str | int, ...], str] = {}  # worded anyOf of choices, by schema path
 
     def kind_schema(self, kind: Kind) -> dict[str, Any]:
         """A standalone JSON Schema for one event of ``kind``."""
@@ -66,6 +96,56 @@ class TopsortSchema:
     def validator(self, kind: Kind) -> Any:
         return self._validators[kind]
 
+    def reason(self, error: Any) -> str:
+        """The reason to give for a validation ``error`` of a validator of this schema: the
+        library's message, except that an unmet choice of required fields says which fields and
+        which kind of event each makes (``needs resolvedBidId (sponsored) or entity (organic)``)."""
+        if type(error.kind).__name__ == "AnyOf":
+            where = tuple(error.schema_path)
+            worded = self._choices.get(where)
+            if worded is None:
+                branches = self._at(where)
+                alternatives = _alternatives({"anyOf": branches}) if isinstance(branches, list) else ()
+                worded = self._choices[where] = needs(alternatives) if alternatives else ""
+            if worded:
+                return worded
+        return error.message
+
+    def refusal(self, node: SchemaNode, value: Any, *, partial: bool = False) -> str | None:
+        """Why ``value`` is refused at ``node``'s place, or None when it is valid there.
+
+        With ``partial`` the value is one part of what is built there (a part of a ``merge``):
+        keys missing at its top level may come from the other parts, so they are not held against it.
+        """
+        validator = self._place_validator(orjson.dumps(node.schema, option=orjson.OPT_SORT_KEYS))
+        try:
+            errors = list(validator.iter_errors(value))
+        except ValueError as exc:  # a YAML date, say: no JSON value
+            return f"not a JSON value ({exc})"
+        reasons = []
+        for error in errors:
+            if partial and not list(error.instance_path) and type(error.kind).__name__ in ("Required", "AnyOf"):
+                continue
+            where = json_path(error.instance_path).removeprefix("$").removeprefix(".")
+            reasons.append((f"at {where}: " if where else "") + self.reason(error))
+        return "; ".join(reasons) or None
+
+    def _place_validator(self, schema: bytes) -> Any:
+        found = self._places.get(schema)
+        if found is None:
+            place = {"$schema": self.document["$schema"], "$defs": self.document["$defs"], **orjson.loads(schema)}
+            found = self._places[schema] = jsonschema_rs.validator_for(place, validate_formats=True)
+        return found
+
+    def _at(self, schema_path: Sequence[str | int]) -> Any:
+        found: Any = self.document
+        for part in schema_path:
+            try:
+                found = found[part]
+            except (KeyError, IndexError, TypeError):
+                return None
+        return found
+
 
 @cache
 def topsort_schema() -> TopsortSchema:
@@ -73,8 +153,8 @@ def topsort_schema() -> TopsortSchema:
     return TopsortSchema()
 
 
-def _node(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> SchemaNode:
-    schema = _resolved(schema, defs)
+def _node(written: Mapping[str, Any], defs: Mapping[str, Any]) -> SchemaNode:
+    schema = _resolved(written, defs)
     types = schema.get("type", ())
     types = frozenset([types] if isinstance(types, str) else types)
     additional = schema.get("additionalProperties")
@@ -85,7 +165,19 @@ def _node(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> SchemaNode:
         closed=closed,
         values=_node(additional, defs) if isinstance(additional, dict) else None,
         items=_node(schema["items"], defs) if isinstance(schema.get("items"), dict) else None,
+        alternatives=_alternatives(schema),
+        schema=written,
     )
+
+
+def _alternatives(schema: Mapping[str, Any]) -> tuple[Alternative, ...]:
+    """The branches of ``schema``'s ``anyOf`` when each only requires fields (else none)."""
+    branches = schema.get("anyOf")
+    if not isinstance(branches, list) or not all(
+        isinstance(b, dict) and b.keys() <= {"required", "title"} and b.get("required") for b in branches
+    ):
+        return ()
+    return tuple(Alternative(tuple(b["required"]), b.get("title")) for b in branches)
 
 
 def _resolved(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> dict[str, Any]:

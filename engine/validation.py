@@ -11,18 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .outcome import Kind
-from .topsort_schema import topsort_schema
+from .topsort_schema import json_path, topsort_schema
 
 Problem = tuple[str, str, int | None]
 """(JSON path, reason, index of the dropped array item or None)."""
-
-
-def json_path(parts: Sequence[str | int]) -> str:
-    """``['items', 2, 'unitPrice']`` -> ``$.items[2].unitPrice``."""
-    out = "$"
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return out
 
 
 class OutputValidator:
@@ -71,7 +63,7 @@ class OutputValidator:
 
 def _problem(error: Any, item: int | None = None, within: str | None = None) -> Problem:
     path = list(error.instance_path)
-    reason = error.message
+    reason = topsort_schema().reason(error)
     missing = _missing_property(error)
     if missing is not None:
         path.append(missing)

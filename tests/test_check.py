@@ -31,6 +31,20 @@ EXPECTED = [
     "d_topsort_fields.yaml:7:7: error: rule 'impression-typos' field 'resolvedBidID': Topsort impressions has no field 'resolvedBidID' (did you mean 'resolvedBidId'?)",
     "d_topsort_fields.yaml:8:7: error: rule 'impression-typos' field 'clickType': Topsort impressions has no field 'clickType': it is a field of Topsort clicks only",
     "d_topsort_fields.yaml:10:9: error: rule 'impression-typos' field 'placement.pathh': Topsort impressions placement has no field 'pathh' (did you mean 'path'?)",
+    # schema-aware: constants Topsort refuses at their place (each once fitted like any value there)
+    "f_topsort_values.yaml:10:26: error: rule 'values-topsort-refuses' field 'clickType': const \"add_to_cart\" would "
+    "be rejected on every event it reaches: \"add_to_cart\" is not one of \"product\", \"like\" or \"add-to-cart\"",
+    "f_topsort_values.yaml:11:73: error: rule 'values-topsort-refuses' field 'deviceType': lookup value \"television\" "
+    "(for \"tv\") would be rejected on every event it reaches: \"television\" is not one of \"desktop\" or \"mobile\"",
+    "f_topsort_values.yaml:12:52: error: rule 'values-topsort-refuses' field 'channel': default \"web\" would be "
+    "rejected on every event it reaches: \"web\" is not one of",
+    "f_topsort_values.yaml:13:45: error: rule 'values-topsort-refuses' field 'entity': const {\"type\":\"brand\",\"id\":\"acme\"} "
+    "would be rejected on every event it reaches: at type: \"brand\" is not one of \"product\" or \"vendor\"",
+    "f_topsort_values.yaml:17:62: error: rule 'values-topsort-refuses' field 'placement.page': const 0 would be rejected "
+    "on every event it reaches: 0 is less than the minimum of 1",
+    # schema-aware: an impression or click is sponsored or organic; a rule that can make neither
+    "f_topsort_values.yaml:22:5: error: rule 'attributes-to-nothing': every Topsort impressions event needs "
+    "resolvedBidId (sponsored) or entity (organic), and this rule maps neither: each event it takes would be rejected",
     # duplicates
     "e_duplicates.yaml:7:7: error: rule 'twice' field 'id': key 'id' appears twice",
     "e_duplicates.yaml:8: error: rule 'twice': a rule of this name is already in this folder",
@@ -47,6 +61,12 @@ def test_check_reports_each_problem_with_file_line_column() -> None:
         assert matching, f"missing: {expected}\n---\n" + "\n".join(errors)
     assert len(errors) == len(EXPECTED), "\n".join(errors)
     assert lines[-1] == f"1 rule (1 enabled), {len(EXPECTED)} errors, 0 warnings"
+
+
+def test_constants_topsort_accepts_once_fitted_are_not_errors() -> None:
+    _, problems = check_rules([ROOT / BROKEN / "f_topsort_values.yaml"])
+    lines = {p.line for p in problems}
+    assert lines == {10, 11, 12, 13, 17, 22}  # not: the merge part without path (16), const 42 for a string (18)
 
 
 def test_bundled_rules_are_clean() -> None:
@@ -75,7 +95,8 @@ RULE = """
   - name: {name}
     when: {{type: track, event: {event}}}
     emit: clicks
-    fields: {{id: messageId, occurredAt: timestamp, opaqueUserId: anonymousId, channel: {{const: {channel}}}}}
+    fields: {{id: messageId, occurredAt: timestamp, opaqueUserId: anonymousId, channel: {{const: {channel}}},
+             entity: {{const: {{type: vendor, id: v-1}}}}}}
 """
 
 
@@ -129,3 +150,11 @@ def test_two_rules_for_the_same_event_and_kind_are_warned_about(tmp_path: Path) 
     _, problems = check_rules([_write(tmp_path, "r.yaml", text)])
     assert [(p.severity, p.rule) for p in problems] == [("warning", "two")]
     assert "counted twice" in problems[0].message
+
+
+def test_a_constant_that_is_no_json_value_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    rule = RULE.format(name="dated", event="Tap", channel="onsite").replace(
+        "channel: {const: onsite}", "externalVendorId: {const: [2026-11-27]}")  # YAML makes a date of it
+    _, problems = check_rules([_write(tmp_path, "r.yaml", "rules:" + rule)])
+    assert [(p.rule, p.field, p.message.split(": ", 1)[1]) for p in problems] == [
+        ("dated", "externalVendorId", "not a JSON value (Unsupported type: 'date')")]

@@ -92,7 +92,9 @@ def test_paths_are_inlined_and_looked_up_once() -> None:
 
 
 def _engine(tmp_path: Path, fields: str, *, emit: str = "clicks", fan_out: str = "", id_: str = "messageId") -> CheckedEngine:
-    """An engine of one rule ``r`` for track ``Tap`` events, with id, occurredAt, opaqueUserId and ``fields``."""
+    """An engine of one rule ``r`` for track ``Tap`` events, with id, occurredAt, opaqueUserId and ``fields``
+    (and an organic entity, which an impression or click needs without a bid)."""
+    organic = "      entity: {const: {type: vendor, id: v-1}}\n" if emit in ("impressions", "clicks") else ""
     (tmp_path / "r.yaml").write_text(f"""rules:
   - name: r
     when: {{type: track, event: Tap}}
@@ -101,7 +103,7 @@ def _engine(tmp_path: Path, fields: str, *, emit: str = "clicks", fan_out: str =
       id: "{id_}"
       occurredAt: timestamp
       opaqueUserId: anonymousId
-{fields}""")
+{organic}{fields}""")
     return CheckedEngine(Engine.from_folders(tmp_path))
 
 
@@ -112,7 +114,7 @@ def test_fitting_a_value_leaves_what_other_fields_read_unchanged(tmp_path: Path)
     engine = _engine(tmp_path, """      channel: {from: messageId, lookup: {"123": onsite}}\n""")
     # id is fitted to the string "123"; channel still reads the number 123, which the table lacks
     assert engine.outputs({**BASE, "messageId": 123}) == [
-        {"id": "123", "occurredAt": "2026-01-01T00:00:00Z", "opaqueUserId": "a"}]
+        {"id": "123", "occurredAt": "2026-01-01T00:00:00Z", "opaqueUserId": "a", "entity": {"type": "vendor", "id": "v-1"}}]
     assert engine.outputs({**BASE, "messageId": "123"})[0]["channel"] == "onsite"
 
 

@@ -21,15 +21,18 @@ def engine_with(tmp_path: Path, fields: str, *, extra: str = "", emit: str = "cl
       id: messageId
       occurredAt: timestamp
       opaqueUserId: anonymousId
+      entity: {{const: {{type: vendor, id: v-1}}}}
 {fields}"""
     (tmp_path / "r.yaml").write_text(text)
     return CheckedEngine(Engine.from_folders(tmp_path))
 
 
 def one(engine: CheckedEngine, **fields: Any) -> dict[str, Any]:
+    """The one output of ``engine`` for a Tap event, without the fields every output has."""
     outputs = engine.outputs({**BASE, **fields})
     assert len(outputs) == 1
-    return {k: v for k, v in outputs[0].items() if k not in ("id", "occurredAt", "opaqueUserId")}
+    assert outputs[0]["entity"] == {"type": "vendor", "id": "v-1"}
+    return {k: v for k, v in outputs[0].items() if k not in ("id", "occurredAt", "opaqueUserId", "entity")}
 
 
 def test_expression_const_and_omitted_nulls(tmp_path: Path) -> None:
@@ -77,7 +80,8 @@ def test_as_datetime(tmp_path: Path) -> None:
   - name: r
     when: {type: track, event: Tap}
     emit: clicks
-    fields: {id: messageId, opaqueUserId: anonymousId, occurredAt: {from: properties.at, as: datetime}}
+    fields: {id: messageId, opaqueUserId: anonymousId, occurredAt: {from: properties.at, as: datetime},
+             resolvedBidId: {const: b-1}}
 """)
     engine = CheckedEngine(Engine.from_folders(tmp_path))
     assert engine.outputs({**BASE, "properties": {"at": 1767225600}})[0]["occurredAt"] == "2026-01-01T00:00:00Z"
@@ -187,11 +191,11 @@ def test_a_failing_inline_test_shows_a_diff(tmp_path: Path) -> None:
   - name: r
     when: {type: track, event: Tap}
     emit: clicks
-    fields: {id: messageId, occurredAt: timestamp, opaqueUserId: anonymousId}
+    fields: {id: messageId, occurredAt: timestamp, opaqueUserId: anonymousId, resolvedBidId: {const: b-1}}
     tests:
       - name: wrong expectation
         event: {type: track, event: Tap, messageId: m, timestamp: "2026-01-01T00:00:00Z", anonymousId: a}
-        expect: [{id: m, occurredAt: "2026-01-01T00:00:00Z", opaqueUserId: b}]
+        expect: [{id: m, occurredAt: "2026-01-01T00:00:00Z", opaqueUserId: b, resolvedBidId: b-1}]
       - name: wrong rejection
         event: {type: track, event: Tap, messageId: m, timestamp: "2026-01-01T00:00:00Z"}
         reject: [{path: $.id}]

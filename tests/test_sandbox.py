@@ -19,7 +19,14 @@ KEY = "sk_test_sandbox-secret-0123456789"
 
 
 def _impression(event_id: str, **fields: Any) -> dict[str, Any]:
-    return {"id": event_id, "occurredAt": "2026-11-27T10:00:00Z", "opaqueUserId": "user-1", **fields}
+    """A valid impression (or click): sponsored, unless ``fields`` say otherwise."""
+    return {"id": event_id, "occurredAt": "2026-11-27T10:00:00Z", "opaqueUserId": "user-1",
+            "resolvedBidId": f"bid-{event_id}", **fields}
+
+
+def _unattributed(event_id: str) -> dict[str, Any]:
+    """An impression or click with neither resolvedBidId nor entity: it attributes to nothing."""
+    return {key: value for key, value in _impression(event_id).items() if key != "resolvedBidId"}
 
 
 def _purchase(event_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,6 +113,12 @@ def test_refuses_missing_or_bad_key_without_revealing_it(
         ),
         ({"impressions": [_impression("i1", occurredAt="yesterday")]}, "bad_request", "$.impressions[0].occurredAt"),
         ({"impressions": [_impression("i1")], "views": []}, "bad_request", "$: "),
+        (
+            {"impressions": [_impression("i1"), _impression("i2", entity={"type": "product", "id": "p-2"})],
+             "clicks": [_unattributed("c1")]},
+            "bad_request",
+            "$.clicks[0]: needs resolvedBidId (sponsored) or entity (organic)",
+        ),
     ],
     ids=[
         "malformed-json",
@@ -118,6 +131,7 @@ def test_refuses_missing_or_bad_key_without_revealing_it(
         "zero-quantity",
         "bad-date-time",
         "unknown-array",
+        "neither-bid-nor-entity",
     ],
 )
 def test_refuses_invalid_requests_with_topsort_error_codes(
@@ -234,7 +248,8 @@ def test_faults_endpoint_rejects_bad_settings(sandbox: Sandbox, client: httpx.Cl
 
 def test_stats_count_requests_events_duplicates_and_faults(sandbox: Sandbox, client: httpx.Client) -> None:
     _post(client, {"impressions": [_impression("i1"), _impression("i2")]})
-    pageview = {**_impression("v1"), "page": {"type": "home", "pageId": "/"}}
+    pageview = {"id": "v1", "occurredAt": "2026-11-27T10:00:00Z", "opaqueUserId": "user-1",
+                "page": {"type": "home", "pageId": "/"}}
     _post(client, {"impressions": [_impression("i2")], "pageviews": [pageview]})
     _post(client, {}, key="nope")
     _post(client, {})

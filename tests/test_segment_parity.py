@@ -22,6 +22,12 @@ def track(name: str, message_id: str = "m-1", **fields: Any) -> dict[str, Any]:
     return event
 
 
+def sponsored(name: str, **fields: Any) -> dict[str, Any]:
+    """A track event with a bid (``resolvedBidId: bid-1`` joins its properties): the events
+    Segment's destination maps, which the bundled rules map exactly as it does."""
+    return track(name, **{**fields, "properties": {"resolvedBidId": "bid-1", **fields.get("properties", {})}})
+
+
 # --- presets ---------------------------------------------------------------------------------
 
 def test_impression_preset_maps_every_field(bundled: CheckedEngine) -> None:
@@ -64,7 +70,8 @@ def test_impression_preset_maps_every_field(bundled: CheckedEngine) -> None:
 @pytest.mark.parametrize(("preset", "kind"), [("Product Clicked", "clicks"), ("Banner Click", "clicks"),
                                               ("Banner Impression", "impressions")])
 def test_click_and_banner_presets_map_like_the_impression(bundled: CheckedEngine, preset: str, kind: str) -> None:
-    properties = {"resolvedBidId": "bid-9", "object": {"type": "banner", "assetId": "hero"}, "channel": "offsite"}
+    properties = {"resolvedBidId": "bid-9", "object": {"type": "banner", "assetId": "hero"}, "channel": "offsite",
+                  "product_id": "p-9"}  # with a bid, no entity is made of the product id
     viewed = bundled.outputs(track("Product Viewed", properties=properties))
     outcome = bundled.process(track(preset, properties=properties))
     assert [(e.kind, e.event) for e in outcome.emitted] == [(kind, viewed[0])]
@@ -101,7 +108,7 @@ def test_impressions_list_preset_gives_each_item_its_own_stable_id(bundled: Chec
     common = {"occurredAt": T, "opaqueUserId": "anon-1", "deviceType": "desktop", "channel": "onsite"}
     expected = [
         {"id": "list-1:0", **common, "resolvedBidId": "bid-1"},
-        {"id": "list-1:1", **common},
+        {"id": "list-1:1", **common, "entity": {"type": "product", "id": "p-2"}},  # improve: organic, no bid
         {"id": "list-1:2", **common, "resolvedBidId": "bid-3", "additionalAttribution": {"id": "p-3", "type": "product"}},
     ]
     assert _sorted_keys(bundled.outputs(event)) == _sorted_keys(expected)
@@ -172,7 +179,8 @@ def test_skip_zero_price_purchases_setting(tmp_path: Path) -> None:
     ({"anonymousId": "", "userId": 77}, "77"),
 ])
 def test_opaque_user_id(bundled: CheckedEngine, ids: dict[str, Any], expected: str) -> None:
-    event = {"type": "track", "event": "Product Viewed", "messageId": "m-1", "timestamp": T, **ids}
+    event = {"type": "track", "event": "Product Viewed", "messageId": "m-1", "timestamp": T, **ids,
+             "properties": {"resolvedBidId": "bid-1"}}
     assert bundled.outputs(event)[0]["opaqueUserId"] == expected
 
 
@@ -189,16 +197,16 @@ def test_opaque_user_id(bundled: CheckedEngine, ids: dict[str, Any], expected: s
     ({"position": 2}, None),
 ])
 def test_placement(bundled: CheckedEngine, event_fields: dict[str, Any], placement: Any) -> None:
-    output = bundled.outputs(track("Product Viewed", **event_fields))[0]
+    output = bundled.outputs(sponsored("Product Viewed", **event_fields))[0]
     assert output.get("placement") == placement
 
 
 def test_position_joins_properties_placement_without_a_page_path(bundled: CheckedEngine) -> None:
     # Segment sends properties.placement alone when there is no context.page.path; here the
     # position (top level, else properties.position) joins it (improve), and properties still win.
-    joined = bundled.outputs(track("Product Viewed", position=3, properties={"placement": {"path": "/x"}}))[0]
+    joined = bundled.outputs(sponsored("Product Viewed", position=3, properties={"placement": {"path": "/x"}}))[0]
     assert joined["placement"] == {"path": "/x", "position": 3}
-    kept = bundled.outputs(track("Product Viewed", position=3, properties={"placement": {"path": "/x", "position": 9}}))
+    kept = bundled.outputs(sponsored("Product Viewed", position=3, properties={"placement": {"path": "/x", "position": 9}}))
     assert kept[0]["placement"] == {"path": "/x", "position": 9}
 
 
@@ -211,7 +219,7 @@ def test_position_joins_properties_placement_without_a_page_path(bundled: Checke
     ({"context": {"page": {"title": "Shoes"}}}, None),
 ])
 def test_page(bundled: CheckedEngine, event_fields: dict[str, Any], page: Any) -> None:
-    assert bundled.outputs(track("Product Viewed", **event_fields))[0].get("page") == page
+    assert bundled.outputs(sponsored("Product Viewed", **event_fields))[0].get("page") == page
 
 
 @pytest.mark.parametrize(("device", "expected"), [
@@ -219,7 +227,7 @@ def test_page(bundled: CheckedEngine, event_fields: dict[str, Any], page: Any) -
     ("mobile", "mobile"), ("desktop", "desktop"), ("iOS", "mobile"), ("tv", None), (None, None),
 ])
 def test_device_type(bundled: CheckedEngine, device: str | None, expected: str | None) -> None:
-    event = track("Product Viewed", context={"device": {"type": device}})
+    event = sponsored("Product Viewed", context={"device": {"type": device}})
     assert bundled.outputs(event)[0].get("deviceType") == expected
 
 
@@ -267,11 +275,12 @@ def test_unknown_keys_inside_known_objects_are_dropped(bundled: CheckedEngine) -
     ("1764237600123", "2025-11-27T10:00:00.123Z"),
 ])
 def test_timestamps_in_every_segment_shape_become_rfc3339(bundled: CheckedEngine, timestamp: Any, expected: str) -> None:
-    assert bundled.outputs(track("Product Clicked", timestamp=timestamp))[0]["occurredAt"] == expected
+    assert bundled.outputs(sponsored("Product Clicked", timestamp=timestamp))[0]["occurredAt"] == expected
 
 
 def test_missing_required_field_rejects_the_event_with_its_path(bundled: CheckedEngine) -> None:
-    event = {"type": "track", "event": "Product Viewed", "messageId": "m-1", "timestamp": T}
+    event = {"type": "track", "event": "Product Viewed", "messageId": "m-1", "timestamp": T,
+             "properties": {"resolvedBidId": "bid-1"}}
     outcome = bundled.process(event)
     assert outcome.emitted == ()
     assert [r.to_dict() for r in outcome.rejected] == [{
@@ -303,7 +312,7 @@ def test_a_list_keeps_its_valid_impressions_and_names_the_bad_ones(bundled: Chec
     ({"entity": {"id": "e", "type": "shop"}}, "$.entity.type"),
 ])
 def test_topsort_constraints_segment_does_not_check_are_enforced(bundled: CheckedEngine, properties: Any, path: str) -> None:
-    outcome = bundled.process(track("Product Clicked", properties=properties))
+    outcome = bundled.process(sponsored("Product Clicked", properties=properties))
     assert not outcome.emitted
     assert [r.path for r in outcome.rejected] == [path]
 

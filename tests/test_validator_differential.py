@@ -2,7 +2,8 @@
 RFC 3339 format checker) on the project's Topsort schema.
 
 Valid outputs are built from the schema's shapes; invalid ones by one mutation each (wrong type,
-out of range, bad enum, bad date-time, extra key, missing required key, more than 50 per array).
+out of range, bad enum, bad date-time, extra key, missing required key, an impression or click
+with neither resolvedBidId nor entity, more than 50 per array).
 Both must give the same verdict, and where both report exactly one error, at the same place.
 The few date-times the two libraries judge differently are pinned in their own test.
 """
@@ -91,6 +92,8 @@ def interactions(draw: Any, click: bool) -> dict[str, Any]:
     event = draw(st.fixed_dictionaries(_common(), optional=optional))
     if "additionalAttribution" in event and "resolvedBidId" not in event:
         event["resolvedBidId"] = draw(st.text(min_size=1, max_size=128))
+    if "resolvedBidId" not in event and "entity" not in event:  # sponsored or organic
+        event["entity"] = draw(entities)
     return event
 
 
@@ -189,8 +192,17 @@ def _missing_key(draw: Any, event: dict[str, Any], kind: str) -> bool:
     return True
 
 
+def _unattributed(draw: Any, event: dict[str, Any], kind: str) -> bool:
+    """An impression or click neither sponsored (resolvedBidId) nor organic (entity)."""
+    if kind not in ("impressions", "clicks"):
+        return False
+    for key in ("resolvedBidId", "entity", "additionalAttribution"):
+        event.pop(key, None)
+    return True
+
+
 MUTATIONS: list[Callable[[Any, dict[str, Any], str], bool]] = [
-    _wrong_type, _out_of_range, _bad_enum, _bad_date_time, _extra_key, _missing_key,
+    _wrong_type, _out_of_range, _bad_enum, _bad_date_time, _extra_key, _missing_key, _unattributed,
 ]
 
 
@@ -303,7 +315,8 @@ def test_known_path_difference() -> None:
     """Pinned so that a library upgrade that changes it is noticed: jsonschema-rs gives the path
     of a bad value under an empty key without that key. The engine never makes such an output
     (``stringify_values`` drops nulls; unknown keys of closed objects are dropped)."""
-    event = {"id": "m-1", "occurredAt": "2026-01-01T00:00:00Z", "opaqueUserId": "u-1", "dsp_metadata": {"": None}}
+    event = {"id": "m-1", "occurredAt": "2026-01-01T00:00:00Z", "opaqueUserId": "u-1", "resolvedBidId": "b-1",
+             "dsp_metadata": {"": None}}
     assert [list(e.absolute_path) for e in REFERENCE["impressions"].iter_errors(event)] == [["dsp_metadata", ""]]
     assert [list(e.instance_path) for e in FAST["impressions"].iter_errors(event)] == [["dsp_metadata"]]
 
