@@ -106,19 +106,21 @@ rules:
       opaqueUserId: {first: [anonymousId, userId]}
       deviceType: {from: context.device.type, lookup: {ios: mobile}, default: desktop}
       resolvedBidId: properties.bid
+      channel: properties.channel
     tests:
       - event: {type: track, event: Tap, messageId: m1, timestamp: "2026-01-01T00:00:00Z", anonymousId: a,
-                context: {device: {type: ios}}}
-        expect: [{id: m1, occurredAt: "2026-01-01T00:00:00Z", opaqueUserId: a, deviceType: mobile}]
+                context: {device: {type: ios}}, properties: {bid: b1}}
+        expect: [{id: m1, occurredAt: "2026-01-01T00:00:00Z", opaqueUserId: a, deviceType: mobile, resolvedBidId: b1}]
   - name: swipe
     when: {type: track, event: Swipe}
     emit: clicks
-    fields: {id: messageId, occurredAt: timestamp, opaqueUserId: userId}
+    fields: {id: messageId, occurredAt: timestamp, opaqueUserId: userId, resolvedBidId: properties.bid}
 """
 SECOND_TEST = """
       - event: {type: track, event: Tap, messageId: m2, timestamp: "2026-01-01T00:00:00Z", userId: u,
-                context: {device: {type: web}}, properties: {bid: b}}
-        expect: [{id: m2, occurredAt: "2026-01-01T00:00:00Z", opaqueUserId: u, deviceType: desktop, resolvedBidId: b}]
+                context: {device: {type: web}}, properties: {bid: b, channel: onsite}}
+        expect: [{id: m2, occurredAt: "2026-01-01T00:00:00Z", opaqueUserId: u, deviceType: desktop, resolvedBidId: b,
+                  channel: onsite}]
 """
 
 
@@ -128,8 +130,8 @@ def test_test_coverage_lists_untested_branches_fields_and_rules(tmp_path: Path) 
     result = run_cli("test", "--coverage", str(rules))
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
-    assert "tap (" in out and "1 test(s); fields 4/5; branches 3/7" in out
-    assert "untested fields: resolvedBidId" in out
+    assert "tap (" in out and "1 test(s); fields 5/6; branches 3/7" in out
+    assert "untested fields: channel" in out
     untested = {line.split("untested branch: ")[1] for line in out.splitlines() if "untested branch: " in line}
     assert untested == {"opaqueUserId: first[1] userId", "opaqueUserId: first: none", "deviceType: lookup miss",
                         "deviceType: default used"}
@@ -139,7 +141,7 @@ def test_test_coverage_lists_untested_branches_fields_and_rules(tmp_path: Path) 
     result = run_cli("test", "--coverage", "--rules", str(rules))
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
-    assert "2 test(s); fields 5/5; branches 6/7" in out
+    assert "2 test(s); fields 6/6; branches 6/7" in out
     assert [line for line in out.splitlines() if "untested" in line] == ["  untested branch: opaqueUserId: first: none"]
 
 
