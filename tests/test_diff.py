@@ -112,7 +112,9 @@ def test_diff_counts_equal_those_of_two_map_runs(
         assert report["fields"] == {}
     elif case == "lookup entry removed":
         assert report["fields"]["impressions.deviceType"]["lost"] > 0
-        assert report["transitions"] == {"emitted→emitted": report["changed"]}
+        # a device type lost changes what is emitted, never whether: each event keeps its verdict
+        assert all(before == after for before, after in (t.split("→") for t in report["transitions"]))
+        assert report["transitions"]["emitted→emitted"] > 0
     elif case == "field added, value changed":
         assert report["fields"]["pageviews.channel"]["gained"] > 0
         assert report["fields"]["impressions.deviceType"]["changed"] > 0

@@ -16,7 +16,7 @@ rules:
   - name: {name}
     when: {{type: track, event: Tap}}
     emit: clicks
-    fields: {{id: messageId, occurredAt: timestamp, opaqueUserId: {user}}}
+    fields: {{id: messageId, occurredAt: timestamp, opaqueUserId: {user}, resolvedBidId: properties.bid}}
 """
 
 
