@@ -159,6 +159,7 @@ def test_oversize_and_malformed_requests_are_refused(serving, sandbox: Sandbox) 
             "malformed": client.post("/webhook", content=b'{"type": "track", '),
             "not a batch": client.post("/v1/batch", json=[view("b-3")]),
             "gzip": client.post("/webhook", content=b"\x1f\x8b", headers={"Content-Encoding": "gzip"}),
+            "brotli": client.post("/webhook", content=b"{}", headers={"Content-Encoding": "br"}),
         }
     status = {name: (answer.status_code, answer.json()["error"]) for name, answer in answers.items()}
     assert status == {
@@ -168,7 +169,8 @@ def test_oversize_and_malformed_requests_are_refused(serving, sandbox: Sandbox) 
         "count": (413, "too_many_events"),
         "malformed": (400, "malformed_json"),
         "not a batch": (400, "bad_request"),
-        "gzip": (415, "unsupported_encoding"),
+        "gzip": (400, "bad_encoding"),
+        "brotli": (415, "unsupported_encoding"),
     }
     assert all(answer.json()["reason"] for answer in answers.values())
     assert not arrived(sandbox)

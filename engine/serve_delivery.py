@@ -1,0 +1,427 @@
+"""``serve``'s delivery thread: it owns the spool, commits what requests hand it, and delivers.
+
+The spool's SQLite connection belongs to the dispatcher's thread, so requests hand their
+mapped events to that thread through a queue (several requests are committed together), and each
+waits on a future answered once its events' transaction has committed. That commit is also where
+repeated messageIds are dropped, against the ids already committed, so an id counts as seen only
+once its event is safely spooled.
+
+Faults of the machine (a full disk, an unwritable or broken spool) never stop ``serve``: a commit
+that fails answers its requests 503 and delivery goes on; a failure elsewhere closes the spool and
+opens it again after a pause, refusing requests meanwhile. Each cause is logged once, and once
+more when it is over. Only a refused Topsort API key stops delivery for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .dispatch import DeliveryError, Dispatcher
+from .errors import EngineError
+from .outcome import Outcome
+from .serve_dedupe import SeenIds
+from .serve_metrics import Metrics
+from .serve_settings import ServeError, ServeSettings
+from .source import Record
+from .spool import Chunk, Spool, Spooled
+
+log = logging.getLogger("segment_topsort.serve")
+
+_MERGE_INPUTS = 5000
+"""Most input events committed to the spool in one transaction (from several requests)."""
+_TRACKED_LATENCIES = 1_000_000
+"""Most spooled events whose arrival time is kept to measure their delivery latency."""
+_PRUNE_EVERY = 10.0
+"""Seconds between two prunings of the stored messageIds."""
+_ENVIRONMENT = (sqlite3.Error, OSError)
+"""Failures of the machine rather than of the events: answered 503, retried by the sender."""
+
+
+class SpoolFull(ServeError):
+    """Too many events wait for delivery (or are being received) to take more now."""
+
+
+class ContentError(ServeError):
+    """The spool could not store a request's events because of what they hold (not the machine)."""
+
+
+@dataclass(slots=True)
+class Entry:
+    """One input event of a request, mapped: what the spool keeps of it."""
+
+    message_id: str | None
+    record: Record
+    outcome: Outcome
+    dead_letter: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class Submission:
+    """A request's entries; ``ack`` gets the positions of entries dropped as already seen."""
+
+    entries: list[Entry]
+    received: float
+    ack: Future[set[int]] = field(default_factory=Future)
+
+
+class Reservation:
+    """Room in the spool held for one request from admission until its events are committed."""
+
+    def __init__(self, delivery: Delivery, size: int) -> None:
+        self._delivery, self.size = delivery, size
+
+    def resize(self, size: int) -> None:
+        """Hold room for ``size`` events (what the request's events emitted) instead."""
+        with self._delivery._lock:
+            self._delivery._reserved += size - self.size
+            self.size = size
+
+    def release(self) -> None:
+        self.resize(0)
+
+
+class Delivery:
+    """The spool and its dispatcher, on a thread of their own; requests hand submissions to it."""
+
+    def __init__(self, settings: ServeSettings, metrics: Metrics, on_failure: Callable[[], None] | None) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._on_failure = on_failure
+        self.seen = SeenIds(settings.dedupe_size, settings.dedupe_seconds)
+        self._queue: queue.SimpleQueue[Submission | None] = queue.SimpleQueue()
+        self._waiting: set[Future[set[int]]] = set()
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._thread: threading.Thread | None = None
+        self._ready: Future[None] = Future()
+        self._spool: _AckingSpool | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._totals = {"delivery_requests_total": 0, "delivery_retries_total": 0}
+        self._closing = threading.Event()
+        self._trouble = _Trouble(metrics)
+        self.failure: BaseException | None = None
+
+    @property
+    def unsent(self) -> int:
+        spool = self._spool
+        return spool.unsent if spool else 0
+
+    @property
+    def trouble(self) -> str | None:
+        """Why the spool cannot take events right now, if so."""
+        return self._trouble.cause
+
+    def gauges(self) -> dict[str, float]:
+        stats = self._dispatcher.stats if self._dispatcher else None
+        return {
+            "spool_events": self.unsent,
+            "delivery_requests_total": self._totals["delivery_requests_total"] + (stats.requests if stats else 0),
+            "delivery_retries_total": self._totals["delivery_retries_total"] + (stats.retries if stats else 0),
+        }
+
+    def start(self) -> None:
+        """Open the spool and start delivering; raises :class:`ServeError` if the spool cannot be used."""
+        self._thread = threading.Thread(target=self._run, name="segment-topsort-delivery", daemon=True)
+        self._thread.start()
+        self._ready.result()
+
+    def admit(self, size: int) -> Reservation:
+        """Hold room for a request of ``size`` events, checked and reserved at once (one lock), or refuse.
+
+        Admission needs the spool and its waiting and reserved events below ``max_spooled``, so
+        concurrent requests can pass it by at most one request's events in all.
+        """
+        with self._lock:
+            if self.failure is not None:
+                raise ServeError(f"delivery stopped: {self.failure}")
+            if self._spool is None or self._closing.is_set():
+                raise ServeError(self._trouble.cause or "the receiver is stopping")
+            waiting = self._spool.unsent + self._reserved
+            if waiting >= self._settings.max_spooled:
+                raise SpoolFull(f"{waiting} events wait for delivery; retry later")
+            self._reserved += size
+        return Reservation(self, size)
+
+    def submit(self, entries: list[Entry], received: float) -> Future[set[int]]:
+        """Queue a request's entries for the spool; the future is done once they are committed."""
+        submission = Submission(entries, received)
+        ack = submission.ack
+        ack.set_running_or_notify_cancel()  # a request given up while waiting cannot cancel the commit
+        with self._lock:
+            if self._closing.is_set() or self.failure is not None or self._spool is None:
+                ack.set_exception(ServeError("the receiver is stopping or restarting its spool; retry later"))
+                return ack
+            self._waiting.add(ack)
+        ack.add_done_callback(self._done)
+        self._queue.put(submission)
+        return ack
+
+    def close(self) -> None:
+        self._closing.set()
+        self._queue.put(None)
+        if self._thread:
+            self._thread.join()
+
+    def _done(self, ack: Future[set[int]]) -> None:
+        with self._lock:
+            self._waiting.discard(ack)
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        pause = 0.1
+        while True:
+            outcome = self._run_once()
+            if outcome is not None or self._closing.is_set():
+                return
+            if self._closing.wait(pause):
+                return
+            pause = min(pause * 2, float(self._settings.retry_after))
+
+    def _run_once(self) -> bool | None:
+        """Open the spool and deliver until closed (True) or stopped for good (False); None: open again."""
+        settings = self._settings
+        try:
+            spool = _AckingSpool(settings.spool, self._metrics, self.seen, self._trouble)
+        except EngineError as exc:
+            return self._spool_failed(exc)
+        with spool:
+            try:
+                self.seen.clear()
+                self.seen.remember(spool.seen_messages())
+                self._export(spool)
+                dispatcher = Dispatcher(
+                    spool, endpoint=settings.endpoint, api_key=settings.api_key,
+                    max_in_flight=settings.max_in_flight, max_latency=settings.max_latency,
+                    timeout=settings.timeout, policy=settings.policy, high_water=sys.maxsize,
+                )
+            except _ENVIRONMENT as exc:
+                return self._spool_failed(exc)
+            with self._lock:
+                self._spool, self._dispatcher = spool, dispatcher
+            if not self._ready.done():
+                self._ready.set_result(None)
+            self._trouble.over("the spool opened again")
+            try:
+                dispatcher.run(self._submissions(), lambda: self._tick(spool))
+                return True
+            except _DrainTimeout as exc:
+                log.warning("%s", exc)
+                return True
+            except DeliveryError as exc:
+                self._fail(exc)
+                return False
+            except _ENVIRONMENT as exc:
+                self._trouble.report(exc, "delivery paused, the spool is opened again shortly")
+                return None
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+            finally:
+                with self._lock:
+                    self._spool = None
+                    stats = dispatcher.stats
+                    self._totals["delivery_requests_total"] += stats.requests
+                    self._totals["delivery_retries_total"] += stats.retries
+                    self._dispatcher = None
+                self._abandon_waiting()
+                try:
+                    self._export(spool)
+                except _ENVIRONMENT as exc:
+                    self._trouble.report(exc, "dead letters are exported later")
+
+    def _spool_failed(self, exc: BaseException) -> bool | None:
+        if not self._ready.done():  # the first start: serve cannot begin
+            self._ready.set_exception(ServeError(str(exc)))
+            return False
+        self._trouble.report(exc, "requests are answered 503 until it opens again")
+        return None
+
+    def _submissions(self) -> Iterator[_Batch]:
+        """Queued submissions, merged while more are at hand; after close, wait for the spool to empty."""
+        last: _Batch | None = None
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            batch = _Batch()
+            while item is not None:
+                if not item.ack.done():  # else abandoned when the spool was opened again
+                    batch.add_submission(item)
+                if batch.size >= _MERGE_INPUTS or self._queue.empty():
+                    break
+                item = self._queue.get()
+            stop = item is None
+            if batch.submissions:
+                last = batch
+                yield batch
+        if last is not None:
+            for submission in last.submissions:
+                submission.ack.exception()  # waits until the last submission is committed (or refused)
+        deadline = time.monotonic() + self._settings.drain_timeout
+        while self.unsent and time.monotonic() < deadline and self.failure is None:
+            time.sleep(0.02)
+        if self.unsent:
+            raise _DrainTimeout(f"stopped with {self.unsent} event(s) still in the spool {self._settings.spool};"
+                                " they are delivered on the next start")
+
+    def _tick(self, spool: _AckingSpool) -> None:
+        self._export(spool)
+        spool.prune()
+
+    def _export(self, spool: Spool) -> None:
+        made = spool.export_dead_letters(self._settings.dead_letters)
+        if made:
+            self._metrics.count("dead_letters", (), made)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failure = exc
+        log.error("delivery stopped: %s", exc)
+        if self._on_failure:
+            self._on_failure()
+
+    def _abandon_waiting(self) -> None:
+        """Answer requests whose events never reached the spool: they were not kept."""
+        with self._lock:
+            waiting = list(self._waiting)
+        for ack in waiting:
+            if not ack.done():
+                ack.set_exception(ServeError("the spool closed before the events were committed; retry later"))
+
+
+class _DrainTimeout(EngineError):
+    """Stopping took longer than the drain timeout; what is left stays in the spool."""
+
+
+class _Trouble:
+    """The current fault of the spool, logged once when it starts and once when it is over."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self.cause: str | None = None
+        self._lock = threading.Lock()
+
+    def report(self, exc: BaseException, consequence: str) -> None:
+        cause = f"spool {exc.__class__.__name__}: {exc}"
+        self._metrics.count("spool_errors", (exc.__class__.__name__,))
+        with self._lock:
+            first, self.cause = cause != self.cause, cause
+        if first:
+            log.error("%s; %s", cause, consequence)
+
+    def over(self, how: str) -> None:
+        with self._lock:
+            was, self.cause = self.cause, None
+        if was is not None:
+            log.info("%s: events are taken again (was: %s)", how, was)
+
+
+@dataclass(slots=True)
+class _Batch(Chunk):
+    """Submissions of several requests, committed together."""
+
+    submissions: list[Submission] = field(default_factory=list)
+    size: int = 0
+
+    def add_submission(self, submission: Submission) -> None:
+        self.submissions.append(submission)
+        self.size += len(submission.entries)
+
+
+class _AckingSpool(Spool):
+    """A spool that drops repeated messageIds at commit, answers each request once its events are
+    committed (or could not be), and times deliveries."""
+
+    def __init__(self, path: Path, metrics: Metrics, seen: SeenIds, trouble: _Trouble) -> None:
+        super().__init__(path)
+        self._metrics = metrics
+        self._seen = seen
+        self._trouble = trouble
+        self._arrived: dict[tuple[str, str], float] = {}
+        self._pruned = time.monotonic()
+
+    def commit(self, chunk: Chunk) -> None:
+        if not isinstance(chunk, _Batch):
+            super().commit(chunk)
+            return
+        groups = [chunk.submissions]
+        if len(chunk.submissions) > 1:
+            groups += [[submission] for submission in chunk.submissions]
+        for group in groups:  # all together; if that fails, one request at a time
+            try:
+                self._commit(group)
+                return
+            except _ENVIRONMENT as exc:
+                self._trouble.report(exc, "requests are answered 503 until a commit succeeds")
+                failure: ServeError = ServeError(f"the spool cannot store events now ({exc}); retry later")
+            except Exception as exc:  # what the events hold: answered 500, never the others' loss
+                log.error("a request's events could not be spooled: %s: %s", exc.__class__.__name__, exc)
+                failure = ContentError(f"the events could not be stored: {exc.__class__.__name__}: {exc}")
+            if len(group) == 1:
+                group[0].ack.set_exception(failure)
+
+    def _commit(self, submissions: Sequence[Submission]) -> None:
+        chunk, dropped, arrivals = _merged(submissions, self._seen)
+        super().commit(chunk)
+        self._trouble.over("a commit succeeded")
+        self._seen.remember(chunk.seen)
+        if len(self._arrived) < _TRACKED_LATENCIES:
+            for (_, emitted), arrived in zip(chunk.inputs, arrivals, strict=True):
+                for e in emitted:
+                    self._arrived[(e.kind, str(e.event["id"]))] = arrived
+        for submission, gone in zip(submissions, dropped, strict=True):
+            submission.ack.set_result(gone)
+
+    def prune(self) -> None:
+        """Forget stored messageIds beyond the window, now and then."""
+        if time.monotonic() - self._pruned >= _PRUNE_EVERY:
+            self._pruned = time.monotonic()
+            self.forget_messages(time.time() - self._seen.seconds, self._seen.size)
+
+    def settle(self, delivered: Sequence[Spooled], failed: Sequence[tuple[Spooled, dict[str, Any]]]) -> int:
+        made = super().settle(delivered, failed)
+        now = time.monotonic()
+        for row in delivered:
+            self._metrics.count("topsort_events", (row.rule, row.kind, "delivered"))
+            arrived = self._arrived.pop((row.kind, row.event_id), None)
+            if arrived is not None:
+                self._metrics.observe("delivery_latency_seconds", now - arrived)
+        for row, _ in failed:
+            self._metrics.count("topsort_events", (row.rule, row.kind, "undeliverable"))
+            self._arrived.pop((row.kind, row.event_id), None)
+        return made
+
+
+def _merged(submissions: Sequence[Submission], seen: SeenIds) -> tuple[Chunk, list[set[int]], list[float]]:
+    """One chunk of the submissions' entries, without those whose messageId was committed before
+    (or comes twice here); the positions dropped per submission; the arrival of each input kept."""
+    chunk, dropped, arrivals = Chunk(), [], []
+    taken: set[str] = set()
+    now = time.time()
+    for submission in submissions:
+        gone = set()
+        for index, entry in enumerate(submission.entries):
+            message_id = entry.message_id
+            if message_id is not None and seen.enabled:
+                if message_id in taken or message_id in seen:
+                    gone.add(index)
+                    continue
+                taken.add(message_id)
+                chunk.seen.append((message_id, now))
+            if entry.dead_letter is not None:
+                chunk.dead_letter(entry.dead_letter)
+            if entry.outcome.emitted:
+                chunk.add(entry.record, entry.outcome.emitted)
+                arrivals.append(submission.received)
+        dropped.append(gone)
+    return chunk, dropped, arrivals
+
