@@ -7,8 +7,8 @@ repeated messageIds are dropped, against the ids already committed, so an id cou
 once its event is safely spooled.
 
 Faults of the machine (a full disk, an unwritable or broken spool) never stop ``serve``: a commit
-that fails answers its requests 503 and delivery goes on; a failure elsewhere closes the spool and
-opens it again after a pause, refusing requests meanwhile. Each cause is logged once, and once
+that fails answers its requests 503 and delivery goes on; any other failure of the delivery thread
+closes the spool and opens it again after a pause, refusing requests meanwhile. Each cause is logged once, and once
 more when it is over. Only a refused Topsort API key stops delivery for good.
 """
 
@@ -43,6 +43,8 @@ _TRACKED_LATENCIES = 1_000_000
 """Most spooled events whose arrival time is kept to measure their delivery latency."""
 _PRUNE_EVERY = 10.0
 """Seconds between two prunings of the stored messageIds."""
+_ENDED = object()
+"""Taken from the queue by a dispatcher's reader after that dispatcher ended."""
 _ENVIRONMENT = (sqlite3.Error, OSError)
 """Failures of the machine rather than of the events: answered 503, retried by the sender."""
 
@@ -212,8 +214,9 @@ class Delivery:
             if not self._ready.done():
                 self._ready.set_result(None)
             self._trouble.over("the spool opened again")
+            ended = threading.Event()
             try:
-                dispatcher.run(self._submissions(), lambda: self._tick(spool))
+                dispatcher.run(self._submissions(ended), lambda: self._tick(spool))
                 return True
             except _DrainTimeout as exc:
                 log.warning("%s", exc)
@@ -221,13 +224,14 @@ class Delivery:
             except DeliveryError as exc:
                 self._fail(exc)
                 return False
-            except _ENVIRONMENT as exc:
+            except Exception as exc:  # the machine's fault, or serve's own: never its end
                 self._trouble.report(exc, "delivery paused, the spool is opened again shortly")
                 return None
             except BaseException as exc:
                 self._fail(exc)
                 raise
             finally:
+                ended.set()
                 with self._lock:
                     self._spool = None
                     stats = dispatcher.stats
@@ -247,23 +251,31 @@ class Delivery:
         self._trouble.report(exc, "requests are answered 503 until it opens again")
         return None
 
-    def _submissions(self) -> Iterator[_Batch]:
-        """Queued submissions, merged while more are at hand; after close, wait for the spool to empty."""
+    def _submissions(self, ended: threading.Event) -> Iterator[_Batch]:
+        """Queued submissions, merged while more are at hand; after close, wait for the spool to empty.
+
+        Once ``ended`` (its dispatcher is gone and the spool about to be opened again), whatever it
+        takes from the queue is put back for the next one.
+        """
         last: _Batch | None = None
         stop = False
         while not stop:
-            item = self._queue.get()
+            item = self._take(ended)
+            if item is _ENDED:
+                return
             batch = _Batch()
-            while item is not None:
+            while isinstance(item, Submission):
                 if not item.ack.done():  # else abandoned when the spool was opened again
                     batch.add_submission(item)
                 if batch.size >= _MERGE_INPUTS or self._queue.empty():
                     break
-                item = self._queue.get()
-            stop = item is None
+                item = self._take(ended)
+            stop = item is None or item is _ENDED
             if batch.submissions:
                 last = batch
                 yield batch
+            if item is _ENDED:
+                return
         if last is not None:
             for submission in last.submissions:
                 submission.ack.exception()  # waits until the last submission is committed (or refused)
@@ -273,6 +285,19 @@ class Delivery:
         if self.unsent:
             raise _DrainTimeout(f"stopped with {self.unsent} event(s) still in the spool {self._settings.spool};"
                                 " they are delivered on the next start")
+
+    def _take(self, ended: threading.Event) -> Submission | None | object:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if ended.is_set():
+                    return _ENDED
+                continue
+            if ended.is_set():
+                self._queue.put(item)
+                return _ENDED
+            return item
 
     def _tick(self, spool: _AckingSpool) -> None:
         self._export(spool)

@@ -44,6 +44,8 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                        ("rule", "kind", "outcome")),
     "dead_letters": ("Dead-letter records written to the dead-letter file.", ()),
     "rule_reloads": ("Rule reloads, by result (ok, failed).", ("result",)),
+    "spool_errors": ("Faults of the spool (a full disk, a broken file), by error; requests meanwhile get 503.",
+                     ("error",)),
 }
 _HISTOGRAMS = {
     "ingest_latency_seconds": "Time from a request's arrival to its answer, for requests answered 200.",
