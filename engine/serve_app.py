@@ -48,7 +48,7 @@ from .loader import RULE_FILE_SUFFIXES, RuleSet, check_rules
 from .paths import BUNDLED_RULES
 from .serve_body import Refused, check_event_size, parse, read_body
 from .serve_delivery import ContentError, Delivery, Entry, SpoolFull
-from .serve_metrics import Metrics, RequestTally
+from .serve_metrics import Causes, Metrics, RequestTally
 from .serve_settings import MAX_REQUEST_EVENTS, ServeError, ServeSettings
 from .serve_tracking import batch_messages, single_message, write_key_in
 from .source import Record
@@ -81,7 +81,7 @@ class Receiver:
         self._closing = threading.Event()
         self._delivery = Delivery(settings, self.metrics, on_failure)
         self._refusals = _RefusalLog()
-        self._internal_errors: set[str] = set()
+        self._internal_errors = Causes()
         self._requests = 0
         self.app = Starlette(routes=[
             Route("/webhook", self._endpoint(self._webhook), methods=["POST"]),
@@ -159,7 +159,7 @@ class Receiver:
                 self._refusals.log(request, refused)
             except ClientDisconnect:
                 log.debug("client %s went away during %s", _client(request), request.url.path)
-                response = Response(status_code=400)
+                response = Response(status_code=499)  # nginx's "client closed request", for the metrics
             except Exception as exc:  # a fault of serve itself: answered 500, logged once per cause
                 response = _error(Refused(500, "internal_error", "the receiver failed on this request; retry later"))
                 self._internal_error(exc)
@@ -343,12 +343,9 @@ class Receiver:
         return {"Retry-After": str(self.settings.retry_after)}
 
     def _internal_error(self, exc: Exception) -> None:
-        cause = f"{exc.__class__.__name__}: {exc}"[:300]
-        if cause in self._internal_errors:
-            return
-        if len(self._internal_errors) < 100:
-            self._internal_errors.add(cause)
-        log.error("a request failed inside serve (logged once per cause): %s", cause, exc_info=exc)
+        cause = self._internal_errors.first(exc)
+        if cause is not None:
+            log.error("a request failed inside serve (logged once per cause): %s", cause, exc_info=exc)
 
 
 @dataclass(slots=True)

@@ -30,7 +30,7 @@ from .dispatch import DeliveryError, Dispatcher
 from .errors import EngineError
 from .outcome import Outcome
 from .serve_dedupe import SeenIds
-from .serve_metrics import Metrics
+from .serve_metrics import Causes, Metrics
 from .serve_settings import ServeError, ServeSettings
 from .source import Record
 from .spool import Chunk, Spool, Spooled
@@ -373,6 +373,7 @@ class _AckingSpool(Spool):
         self._trouble = trouble
         self._arrived: dict[tuple[str, str], float] = {}
         self._pruned = time.monotonic()
+        self._content_errors = Causes()
 
     def commit(self, chunk: Chunk) -> None:
         if not isinstance(chunk, _Batch):
@@ -389,7 +390,8 @@ class _AckingSpool(Spool):
                 self._trouble.report(exc, "requests are answered 503 until a commit succeeds")
                 failure: ServeError = ServeError(f"the spool cannot store events now ({exc}); retry later")
             except Exception as exc:  # what the events hold: answered 500, never the others' loss
-                log.error("a request's events could not be spooled: %s: %s", exc.__class__.__name__, exc)
+                if cause := self._content_errors.first(exc):
+                    log.error("a request's events could not be spooled (logged once per cause): %s", cause)
                 failure = ContentError(f"the events could not be stored: {exc.__class__.__name__}: {exc}")
             if len(group) == 1:
                 group[0].ack.set_exception(failure)

@@ -108,6 +108,25 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+class Causes:
+    """Causes of failure already logged, so that each is logged once (at most ``limit`` remembered)."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def first(self, exc: BaseException) -> str | None:
+        """The cause of ``exc`` as text if it was not logged before (and now counts as logged), else None."""
+        cause = f"{exc.__class__.__name__}: {exc}"[:300]
+        with self._lock:
+            if cause in self._seen:
+                return None
+            if len(self._seen) < self._limit:
+                self._seen.add(cause)
+        return cause
+
+
 class _Histogram:
     def __init__(self) -> None:
         self._buckets = [0] * len(_LATENCY_BUCKETS)

@@ -594,6 +594,15 @@ def test_dedupe_window_survives_a_restart(serving, sandbox: Sandbox) -> None:
     assert sandbox.store.stats()["duplicates_ignored"] == 0  # the repeat never left serve
 
 
+def test_the_stored_window_keeps_the_latest_ids(tmp_path: Path) -> None:
+    from engine.spool import Chunk
+
+    with Spool(tmp_path / "s.spool") as spool:
+        spool.commit(Chunk(seen=[("old", 100.0), ("a", 200.0), ("b", 300.0), ("c", 400.0)]))
+        spool.forget_messages(before=150.0, keep=2)
+        assert spool.seen_messages() == [("b", 300.0), ("c", 400.0)]
+
+
 # -- compressed bodies -----------------------------------------------------------------------------
 
 
@@ -653,7 +662,7 @@ def _deep(levels: int) -> bytes:
     return event.replace(b'"HERE"', b'{"a":' * levels + b"{}" + b"}" * levels)
 
 
-def test_poison_events_never_stop_serve(serving, sandbox: Sandbox, tmp_path: Path) -> None:
+def test_poison_events_never_stop_serve(serving, sandbox: Sandbox, tmp_path: Path, caplog) -> None:
     """Issue 11 case 1: a quantity of 1e20 or an event nested 300 deep, unauthenticated, stopped serve."""
     order = {"type": "track", "event": "Order Completed", "messageId": "q-1", "anonymousId": "a",
              "timestamp": "2026-11-27T10:00:00Z",
@@ -670,6 +679,7 @@ def test_poison_events_never_stop_serve(serving, sandbox: Sandbox, tmp_path: Pat
         assert answer.status_code in (200, 500), answer.text
     letters = {d["messageId"] or "q-2" for d in read_dead_letters(tmp_path / "dead.ndjson")}
     assert "q-2" in letters
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) <= 1  # a cause is logged once
     assert arrived(sandbox)["q-3"] == 1
 
 
