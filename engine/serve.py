@@ -31,7 +31,7 @@ import uvicorn
 
 from .cli_options import delivery_tuning, rules_option
 from .errors import EngineError, RulesInvalid
-from .http_server import ServerStartError, listen, start_in_thread
+from .http_server import ServerStartError, head_deadline_protocol, listen, start_in_thread
 from .retry import RetryPolicy
 from .serve_app import Receiver
 from .serve_settings import MAX_EVENT_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_EVENTS, ServeError, ServeSettings
@@ -72,6 +72,7 @@ class Server:
         config = uvicorn.Config(
             self.receiver.app, lifespan="off", access_log=False, log_config=None, log_level="warning",
             timeout_graceful_shutdown=self.receiver.settings.drain_timeout, timeout_keep_alive=_KEEP_ALIVE,
+            http=head_deadline_protocol(self.receiver.settings.read_timeout),
         )
         self._server = uvicorn.Server(config)
         try:

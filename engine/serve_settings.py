@@ -40,7 +40,7 @@ class ServeSettings:
     dedupe_seconds: float = 24 * 3600.0
     drain_timeout: float = 10.0
     read_timeout: float = 30.0
-    """Seconds a client has to send a request body; a slower one is answered 408."""
+    """Seconds a client has to send a request's headers (else the connection is closed) and its body (else 408)."""
     watch_rules: float = 0.0
     """Seconds between two looks at the rule files, reloading them when they changed; 0: only on SIGHUP."""
     max_in_flight: int = 8

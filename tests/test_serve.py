@@ -836,6 +836,14 @@ def test_slow_clients_are_cut_off(serving) -> None:
         sock.close()
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
     assert time.monotonic() - started < 5
+    with serving(read_timeout=0.4) as server:  # headers that never end
+        sock = _raw_request(server.url, b"POST /webhook HTTP/1.1\r\nHost: x\r\n", b"")
+        started = time.monotonic()
+        assert sock.recv(4096) == b""  # closed
+        waited = time.monotonic() - started
+        sock.close()
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    assert 0.3 < waited < 5
 
 
 def test_a_client_that_goes_away_logs_no_traceback(serving, sandbox: Sandbox, caplog) -> None:
