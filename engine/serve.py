@@ -153,7 +153,7 @@ class Server:
 @click.option("--watch-rules", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
               help="Also reload the rules when their files change, looking every SECONDS (0: only on SIGHUP).")
 @click.option("--read-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="Seconds a client has to send a request body; a slower one is answered 408 and cut off.")
+              help="Seconds a client has to send a request's headers (else the connection is closed) and body (else 408).")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On stop, seconds to wait for requests in flight and for the spool to empty.")
 @delivery_tuning
