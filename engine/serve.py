@@ -4,10 +4,12 @@ A request is answered 200 only once its events are committed to the spool; they 
 rules on arrival and delivered in the background by the same :class:`~engine.dispatch.Dispatcher`
 as ``run``. The pieces:
 
-* :mod:`engine.serve_app`: the HTTP application: paths, credentials, CORS, refusals, rule reloads;
+* :mod:`engine.serve_app`: the HTTP application: paths, credentials, CORS, refusals;
 * :mod:`engine.serve_body`: bodies read within a deadline, decompressed as they stream, bounded;
 * :mod:`engine.serve_tracking`: Segment's Tracking API semantics (batch context, clock skew, ids);
-* :mod:`engine.serve_delivery`: the thread that owns the spool, deduplicates at commit, delivers;
+* :mod:`engine.serve_delivery`: the thread that owns the spool and delivers; admission to it;
+* :mod:`engine.serve_spool`: requests' events committed together, repeated messageIds dropped;
+* :mod:`engine.serve_rules`: the rules in force and their reloads;
 * :mod:`engine.serve_dedupe`, :mod:`engine.serve_metrics`, :mod:`engine.serve_settings`.
 
 This module holds the server (uvicorn on a thread) and the command. SIGHUP reloads the rules if the

@@ -1,4 +1,4 @@
-"""``serve``'s HTTP side: the ASGI application, authentication, CORS, refusals and rule reloads.
+"""``serve``'s HTTP side: the ASGI application, authentication, CORS and refusals.
 
 Paths (all ``POST`` unless said):
 
@@ -29,10 +29,9 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -44,11 +43,11 @@ from starlette.routing import Route
 
 from .dead_letters import rejected_input
 from .engine import Engine
-from .loader import RULE_FILE_SUFFIXES, RuleSet, check_rules
-from .paths import BUNDLED_RULES
 from .serve_body import Refused, check_event_size, parse, read_body
-from .serve_delivery import ContentError, Delivery, Entry, SpoolFull
+from .serve_delivery import Delivery, SpoolFull
+from .serve_spool import ContentError, Entry
 from .serve_metrics import Causes, Metrics, RequestTally
+from .serve_rules import RuleReloader
 from .serve_settings import MAX_REQUEST_EVENTS, ServeError, ServeSettings
 from .serve_tracking import batch_messages, single_message, write_key_in
 from .source import Record
@@ -75,9 +74,7 @@ class Receiver:
     def __init__(self, settings: ServeSettings, on_failure: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self._engine = Engine.from_folders(*settings.rule_dirs)
-        self.metrics.rules_loaded(self._engine.rules)
-        self._reload_lock = threading.Lock()
+        self._rules = RuleReloader(settings.rule_dirs, self.metrics)
         self._closing = threading.Event()
         self._delivery = Delivery(settings, self.metrics, on_failure)
         self._refusals = _RefusalLog()
@@ -93,7 +90,7 @@ class Receiver:
     @property
     def engine(self) -> Engine:
         """The rules in force."""
-        return self._engine
+        return self._rules.engine
 
     @property
     def spooled(self) -> int:
@@ -109,7 +106,8 @@ class Receiver:
         """Open the spool, start delivering and, if asked, watching the rule files."""
         self._delivery.start()
         if self.settings.watch_rules > 0:
-            threading.Thread(target=self._watch_rules, name="segment-topsort-watch", daemon=True).start()
+            threading.Thread(target=self._rules.watch, args=(self.settings.watch_rules, self._closing),
+                             name="segment-topsort-watch", daemon=True).start()
 
     def close(self) -> None:
         """Deliver what is left (for up to ``drain_timeout`` seconds) and close the spool."""
@@ -117,35 +115,8 @@ class Receiver:
         self._delivery.close()
 
     def reload_rules(self) -> bool:
-        """Load the rule folders again and use them, unless they have errors or cannot be loaded at all
-        (then log why, count it, and keep the rules in force). True when the new rules are in force."""
-        with self._reload_lock:
-            try:
-                rules, problems = check_rules(self.settings.rule_dirs or (BUNDLED_RULES,))
-                errors = [str(p) for p in problems if p.severity == "error"]
-            except Exception as exc:  # a loader fault (RecursionError, MemoryError, ...) must not end serve
-                rules, problems, errors = [], [], [f"{exc.__class__.__name__}: {exc}"]
-            if errors:
-                self.metrics.count("rule_reloads", ("failed",))
-                log.error("rules not reloaded: %d error(s); the previous rules stay in force\n%s",
-                          len(errors), "\n".join(errors))
-                return False
-            for warning in problems:
-                log.warning("%s", warning)
-            self._engine = Engine(RuleSet(tuple(rules), tuple(problems)))
-            self.metrics.rules_loaded(self._engine.rules)
-            self.metrics.count("rule_reloads", ("ok",))
-            log.info("rules reloaded: %d rule(s), %d enabled", len(rules), sum(r.enabled for r in rules))
-            return True
-
-    def _watch_rules(self) -> None:
-        folders = self.settings.rule_dirs or (BUNDLED_RULES,)
-        seen = _rule_files_state(folders)
-        while not self._closing.wait(self.settings.watch_rules):
-            state = _rule_files_state(folders)
-            if state != seen:
-                seen = state
-                self.reload_rules()
+        """Load the rule folders again and use them unless they have errors (see :class:`RuleReloader`)."""
+        return self._rules.reload()
 
     # -- endpoints --
 
@@ -332,7 +303,7 @@ class Receiver:
                 continue
             check_event_size(len(raw), f"event {line}")
             records.append((message_id, Record(origin, line, raw, event=event)))
-        engine = self._engine
+        engine = self._rules.engine
         entries = []
         for message_id, record in records:
             outcome = engine.process(record.event) if record.error is None else engine.process_record(record)
@@ -413,18 +384,3 @@ def _error(refused: Refused) -> Response:
 
 def _json(status: int, data: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
-
-
-def _rule_files_state(folders: Sequence[str | Path]) -> list[tuple[str, int, int]]:
-    """Path, size and modification time of each rule file: what editing the rules changes."""
-    state = []
-    for folder in map(Path, folders):
-        files = [folder] if folder.is_file() else sorted(folder.rglob("*"))
-        for file in files:
-            try:
-                stat = file.stat()
-            except OSError:  # gone since listed
-                continue
-            if file.suffix in RULE_FILE_SUFFIXES:
-                state.append((str(file), stat.st_size, stat.st_mtime_ns))
-    return state

@@ -1,79 +1,45 @@
 """``serve``'s delivery thread: it owns the spool, commits what requests hand it, and delivers.
 
 The spool's SQLite connection belongs to the dispatcher's thread, so requests hand their
-mapped events to that thread through a queue (several requests are committed together), and each
-waits on a future answered once its events' transaction has committed. That commit is also where
-repeated messageIds are dropped, against the ids already committed, so an id counts as seen only
-once its event is safely spooled.
+mapped events to that thread through a queue (several requests are committed together, see
+:mod:`engine.serve_spool`), and each waits on a future answered once its events' transaction has
+committed. Admission reserves room in the spool under one lock, so concurrent requests cannot
+overshoot ``max_spooled`` by more than one request.
 
 Faults of the machine (a full disk, an unwritable or broken spool) never stop ``serve``: a commit
 that fails answers its requests 503 and delivery goes on; any other failure of the delivery thread
-closes the spool and opens it again after a pause, refusing requests meanwhile. Each cause is logged once, and once
-more when it is over. Only a refused Topsort API key stops delivery for good.
+closes the spool and opens it again after a pause, refusing requests meanwhile. Each cause is
+logged once, and once more when it is over. Only a refused Topsort API key stops delivery for good.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from .dispatch import DeliveryError, Dispatcher
 from .errors import EngineError
-from .outcome import Outcome
 from .serve_dedupe import SeenIds
-from .serve_metrics import Causes, Metrics
+from .serve_metrics import Metrics
 from .serve_settings import ServeError, ServeSettings
-from .source import Record
-from .spool import Chunk, Spool, Spooled
+from .serve_spool import ENVIRONMENT, AckingSpool, Batch, Entry, Submission, Trouble
+from .spool import Spool
 
 log = logging.getLogger("segment_topsort.serve")
 
 _MERGE_INPUTS = 5000
 """Most input events committed to the spool in one transaction (from several requests)."""
-_TRACKED_LATENCIES = 1_000_000
-"""Most spooled events whose arrival time is kept to measure their delivery latency."""
-_PRUNE_EVERY = 10.0
-"""Seconds between two prunings of the stored messageIds."""
 _ENDED = object()
 """Taken from the queue by a dispatcher's reader after that dispatcher ended."""
-_ENVIRONMENT = (sqlite3.Error, OSError)
-"""Failures of the machine rather than of the events: answered 503, retried by the sender."""
 
 
 class SpoolFull(ServeError):
     """Too many events wait for delivery (or are being received) to take more now."""
-
-
-class ContentError(ServeError):
-    """The spool could not store a request's events because of what they hold (not the machine)."""
-
-
-@dataclass(slots=True)
-class Entry:
-    """One input event of a request, mapped: what the spool keeps of it."""
-
-    message_id: str | None
-    record: Record
-    outcome: Outcome
-    dead_letter: dict[str, Any] | None
-
-
-@dataclass(slots=True)
-class Submission:
-    """A request's entries; ``ack`` gets the positions of entries dropped as already seen."""
-
-    entries: list[Entry]
-    received: float
-    ack: Future[set[int]] = field(default_factory=Future)
 
 
 class Reservation:
@@ -106,11 +72,11 @@ class Delivery:
         self._reserved = 0
         self._thread: threading.Thread | None = None
         self._ready: Future[None] = Future()
-        self._spool: _AckingSpool | None = None
+        self._spool: AckingSpool | None = None
         self._dispatcher: Dispatcher | None = None
         self._totals = {"delivery_requests_total": 0, "delivery_retries_total": 0}
         self._closing = threading.Event()
-        self._trouble = _Trouble(metrics)
+        self._trouble = Trouble(metrics)
         self.failure: BaseException | None = None
 
     @property
@@ -194,7 +160,7 @@ class Delivery:
         """Open the spool and deliver until closed (True) or stopped for good (False); None: open again."""
         settings = self._settings
         try:
-            spool = _AckingSpool(settings.spool, self._metrics, self.seen, self._trouble)
+            spool = AckingSpool(settings.spool, self._metrics, self.seen, self._trouble)
         except EngineError as exc:
             return self._spool_failed(exc)
         with spool:
@@ -207,7 +173,7 @@ class Delivery:
                     max_in_flight=settings.max_in_flight, max_latency=settings.max_latency,
                     timeout=settings.timeout, policy=settings.policy, high_water=sys.maxsize,
                 )
-            except _ENVIRONMENT as exc:
+            except ENVIRONMENT as exc:
                 return self._spool_failed(exc)
             with self._lock:
                 self._spool, self._dispatcher = spool, dispatcher
@@ -241,7 +207,7 @@ class Delivery:
                 self._abandon_waiting()
                 try:
                     self._export(spool)
-                except _ENVIRONMENT as exc:
+                except ENVIRONMENT as exc:
                     self._trouble.report(exc, "dead letters are exported later")
 
     def _spool_failed(self, exc: BaseException) -> bool | None:
@@ -251,19 +217,19 @@ class Delivery:
         self._trouble.report(exc, "requests are answered 503 until it opens again")
         return None
 
-    def _submissions(self, ended: threading.Event) -> Iterator[_Batch]:
+    def _submissions(self, ended: threading.Event) -> Iterator[Batch]:
         """Queued submissions, merged while more are at hand; after close, wait for the spool to empty.
 
         Once ``ended`` (its dispatcher is gone and the spool about to be opened again), whatever it
         takes from the queue is put back for the next one.
         """
-        last: _Batch | None = None
+        last: Batch | None = None
         stop = False
         while not stop:
             item = self._take(ended)
             if item is _ENDED:
                 return
-            batch = _Batch()
+            batch = Batch()
             while isinstance(item, Submission):
                 if not item.ack.done():  # else abandoned when the spool was opened again
                     batch.add_submission(item)
@@ -299,7 +265,7 @@ class Delivery:
                 return _ENDED
             return item
 
-    def _tick(self, spool: _AckingSpool) -> None:
+    def _tick(self, spool: AckingSpool) -> None:
         self._export(spool)
         spool.prune()
 
@@ -326,129 +292,4 @@ class Delivery:
 class _DrainTimeout(EngineError):
     """Stopping took longer than the drain timeout; what is left stays in the spool."""
 
-
-class _Trouble:
-    """The current fault of the spool, logged once when it starts and once when it is over."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self.cause: str | None = None
-        self._lock = threading.Lock()
-
-    def report(self, exc: BaseException, consequence: str) -> None:
-        cause = f"spool {exc.__class__.__name__}: {exc}"
-        self._metrics.count("spool_errors", (exc.__class__.__name__,))
-        with self._lock:
-            first, self.cause = cause != self.cause, cause
-        if first:
-            log.error("%s; %s", cause, consequence)
-
-    def over(self, how: str) -> None:
-        with self._lock:
-            was, self.cause = self.cause, None
-        if was is not None:
-            log.info("%s: events are taken again (was: %s)", how, was)
-
-
-@dataclass(slots=True)
-class _Batch(Chunk):
-    """Submissions of several requests, committed together."""
-
-    submissions: list[Submission] = field(default_factory=list)
-    size: int = 0
-
-    def add_submission(self, submission: Submission) -> None:
-        self.submissions.append(submission)
-        self.size += len(submission.entries)
-
-
-class _AckingSpool(Spool):
-    """A spool that drops repeated messageIds at commit, answers each request once its events are
-    committed (or could not be), and times deliveries."""
-
-    def __init__(self, path: Path, metrics: Metrics, seen: SeenIds, trouble: _Trouble) -> None:
-        super().__init__(path)
-        self._metrics = metrics
-        self._seen = seen
-        self._trouble = trouble
-        self._arrived: dict[tuple[str, str], float] = {}
-        self._pruned = time.monotonic()
-        self._content_errors = Causes()
-
-    def commit(self, chunk: Chunk) -> None:
-        if not isinstance(chunk, _Batch):
-            super().commit(chunk)
-            return
-        groups = [chunk.submissions]
-        if len(chunk.submissions) > 1:
-            groups += [[submission] for submission in chunk.submissions]
-        for group in groups:  # all together; if that fails, one request at a time
-            try:
-                self._commit(group)
-                return
-            except _ENVIRONMENT as exc:
-                self._trouble.report(exc, "requests are answered 503 until a commit succeeds")
-                failure: ServeError = ServeError(f"the spool cannot store events now ({exc}); retry later")
-            except Exception as exc:  # what the events hold: answered 500, never the others' loss
-                if cause := self._content_errors.first(exc):
-                    log.error("a request's events could not be spooled (logged once per cause): %s", cause)
-                failure = ContentError(f"the events could not be stored: {exc.__class__.__name__}: {exc}")
-            if len(group) == 1:
-                group[0].ack.set_exception(failure)
-
-    def _commit(self, submissions: Sequence[Submission]) -> None:
-        chunk, dropped, arrivals = _merged(submissions, self._seen)
-        super().commit(chunk)
-        self._trouble.over("a commit succeeded")
-        self._seen.remember(chunk.seen)
-        if len(self._arrived) < _TRACKED_LATENCIES:
-            for (_, emitted), arrived in zip(chunk.inputs, arrivals, strict=True):
-                for e in emitted:
-                    self._arrived[(e.kind, str(e.event["id"]))] = arrived
-        for submission, gone in zip(submissions, dropped, strict=True):
-            submission.ack.set_result(gone)
-
-    def prune(self) -> None:
-        """Forget stored messageIds beyond the window, now and then."""
-        if time.monotonic() - self._pruned >= _PRUNE_EVERY:
-            self._pruned = time.monotonic()
-            self.forget_messages(time.time() - self._seen.seconds, self._seen.size)
-
-    def settle(self, delivered: Sequence[Spooled], failed: Sequence[tuple[Spooled, dict[str, Any]]]) -> int:
-        made = super().settle(delivered, failed)
-        now = time.monotonic()
-        for row in delivered:
-            self._metrics.count("topsort_events", (row.rule, row.kind, "delivered"))
-            arrived = self._arrived.pop((row.kind, row.event_id), None)
-            if arrived is not None:
-                self._metrics.observe("delivery_latency_seconds", now - arrived)
-        for row, _ in failed:
-            self._metrics.count("topsort_events", (row.rule, row.kind, "undeliverable"))
-            self._arrived.pop((row.kind, row.event_id), None)
-        return made
-
-
-def _merged(submissions: Sequence[Submission], seen: SeenIds) -> tuple[Chunk, list[set[int]], list[float]]:
-    """One chunk of the submissions' entries, without those whose messageId was committed before
-    (or comes twice here); the positions dropped per submission; the arrival of each input kept."""
-    chunk, dropped, arrivals = Chunk(), [], []
-    taken: set[str] = set()
-    now = time.time()
-    for submission in submissions:
-        gone = set()
-        for index, entry in enumerate(submission.entries):
-            message_id = entry.message_id
-            if message_id is not None and seen.enabled:
-                if message_id in taken or message_id in seen:
-                    gone.add(index)
-                    continue
-                taken.add(message_id)
-                chunk.seen.append((message_id, now))
-            if entry.dead_letter is not None:
-                chunk.dead_letter(entry.dead_letter)
-            if entry.outcome.emitted:
-                chunk.add(entry.record, entry.outcome.emitted)
-                arrivals.append(submission.received)
-        dropped.append(gone)
-    return chunk, dropped, arrivals
 
