@@ -164,7 +164,7 @@ def serve_command(
     spool_path: Path, dead_letters: Path, write_keys: tuple[str, ...], cors_origins: tuple[str, ...],
     max_retry_time: float, **tuning: Any,
 ) -> None:
-    """Receive Segment events over HTTP (Webhooks destination, Tracking API) and deliver them to Topsort.
+    """Receive Segment events over HTTP (Webhooks destination, Tracking API, analytics.js) and deliver them to Topsort.
 
     Each request is answered 200 once its events are in the spool; delivery runs in the
     background. The webhook secret comes from SEGMENT_SHARED_SECRET. SIGHUP reloads the rules.
