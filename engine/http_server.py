@@ -6,11 +6,14 @@ free ports) and lets the caller build its URL before the server runs.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import EngineError
 
@@ -48,3 +51,31 @@ def start_in_thread(server: uvicorn.Server, sock: socket.socket, name: str, time
             raise ServerStartError(f"the {name} server did not start; see the log above")
         time.sleep(0.005)
     return thread
+
+
+def head_deadline_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all
+    arrived within ``seconds`` (uvicorn itself waits for them for ever). Pass as ``Config(http=...)``."""
+    step = min(1.0, seconds / 4)
+
+    class _HeadDeadline(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._head_since, self._head_cycle = time.monotonic(), self.cycle
+            self._head_watch = self.loop.call_later(step, self._watch_head)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_watch.cancel()
+            super().connection_lost(exc)
+
+        def _watch_head(self) -> None:
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is not h11.IDLE or self.cycle is not self._head_cycle:
+                self._head_since, self._head_cycle = time.monotonic(), self.cycle  # a request under way
+            elif time.monotonic() - self._head_since >= seconds:
+                self.transport.close()
+                return
+            self._head_watch = self.loop.call_later(step, self._watch_head)
+
+    return _HeadDeadline

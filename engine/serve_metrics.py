@@ -44,6 +44,8 @@ _COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
                        ("rule", "kind", "outcome")),
     "dead_letters": ("Dead-letter records written to the dead-letter file.", ()),
     "rule_reloads": ("Rule reloads, by result (ok, failed).", ("result",)),
+    "spool_errors": ("Faults of the spool (a full disk, a broken file), by error; requests meanwhile get 503.",
+                     ("error",)),
 }
 _HISTOGRAMS = {
     "ingest_latency_seconds": "Time from a request's arrival to its answer, for requests answered 200.",
@@ -104,6 +106,25 @@ class Metrics:
             lines += [f"# HELP {_PREFIX}{name} {help_text}", f"# TYPE {_PREFIX}{name} {kind}",
                       f"{_PREFIX}{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+class Causes:
+    """Causes of failure already logged, so that each is logged once (at most ``limit`` remembered)."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def first(self, exc: BaseException) -> str | None:
+        """The cause of ``exc`` as text if it was not logged before (and now counts as logged), else None."""
+        cause = f"{exc.__class__.__name__}: {exc}"[:300]
+        with self._lock:
+            if cause in self._seen:
+                return None
+            if len(self._seen) < self._limit:
+                self._seen.add(cause)
+        return cause
 
 
 class _Histogram:

@@ -5,7 +5,8 @@ It holds, in one database so that every change is atomic:
 * ``inputs``: each input event that emitted something, as read (its raw line), with origin and line;
 * ``pending``: each Topsort event still to deliver (or given up, awaiting its siblings);
 * ``dead_letters``: dead-letter records not yet exported to the NDJSON file;
-* ``checkpoints``: how far each input source has been read.
+* ``checkpoints``: how far each input source has been read;
+* ``seen_messages``: the messageIds ``serve`` committed lately (its deduplication window).
 
 Mapped events, dead letters and the source checkpoint of one chunk of input are committed in
 one transaction, so a run killed at any instant resumes exactly where it stopped. An event leaves
@@ -60,6 +61,11 @@ CREATE TABLE IF NOT EXISTS exports (
     path TEXT PRIMARY KEY,
     started_at_size INTEGER
 );
+CREATE TABLE IF NOT EXISTS seen_messages (
+    message_id TEXT PRIMARY KEY,
+    seen_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_messages_by_time ON seen_messages (seen_at);
 """
 
 
@@ -85,6 +91,8 @@ class Chunk:
     inputs: list[tuple[Record, Sequence[Emitted]]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
+    seen: list[tuple[str, float]] = field(default_factory=list)
+    """``(messageId, wall-clock time)`` of the inputs taken, remembered in the same transaction."""
 
     def add(self, record: Record, emitted: Sequence[Emitted]) -> None:
         """Spool the events ``record`` emitted."""
@@ -176,6 +184,7 @@ class Spool:
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
                 [(source, c.offset, c.line, c.head) for source, c in chunk.checkpoints.items()],
             )
+            self._db.executemany("INSERT OR REPLACE INTO seen_messages VALUES (?, ?)", chunk.seen)
         self._next_input = input_id
         self.unsent += len(pending)
 
@@ -301,6 +310,22 @@ class Spool:
             self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (records[-1][0],))
         return len(records)
 
+    # -- seen messageIds -------------------------------------------------------------------------
+
+    def seen_messages(self) -> list[tuple[str, float]]:
+        """The messageIds committed with :attr:`Chunk.seen`, oldest first."""
+        return self._db.execute("SELECT message_id, seen_at FROM seen_messages ORDER BY seen_at").fetchall()
+
+    def forget_messages(self, before: float, keep: int) -> None:
+        """Forget the messageIds seen before ``before``, and all but the ``keep`` latest."""
+        with self._transaction():
+            self._db.execute("DELETE FROM seen_messages WHERE seen_at < ?", (before,))
+            self._db.execute(
+                "DELETE FROM seen_messages WHERE message_id NOT IN"
+                " (SELECT message_id FROM seen_messages ORDER BY seen_at DESC LIMIT ?)",
+                (keep,),
+            )
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _scalar(self, sql: str) -> int:
@@ -312,6 +337,7 @@ class Spool:
         try:
             yield
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")

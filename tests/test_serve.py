@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import queue
 import shutil
@@ -159,6 +160,7 @@ def test_oversize_and_malformed_requests_are_refused(serving, sandbox: Sandbox) 
             "malformed": client.post("/webhook", content=b'{"type": "track", '),
             "not a batch": client.post("/v1/batch", json=[view("b-3")]),
             "gzip": client.post("/webhook", content=b"\x1f\x8b", headers={"Content-Encoding": "gzip"}),
+            "brotli": client.post("/webhook", content=b"{}", headers={"Content-Encoding": "br"}),
         }
     status = {name: (answer.status_code, answer.json()["error"]) for name, answer in answers.items()}
     assert status == {
@@ -168,7 +170,8 @@ def test_oversize_and_malformed_requests_are_refused(serving, sandbox: Sandbox) 
         "count": (413, "too_many_events"),
         "malformed": (400, "malformed_json"),
         "not a batch": (400, "bad_request"),
-        "gzip": (415, "unsupported_encoding"),
+        "gzip": (400, "bad_encoding"),
+        "brotli": (415, "unsupported_encoding"),
     }
     assert all(answer.json()["reason"] for answer in answers.values())
     assert not arrived(sandbox)
@@ -366,3 +369,491 @@ def test_load_over_loopback_loses_nothing(serving, sandbox: Sandbox) -> None:
     got = arrived(sandbox)
     assert len(got) == total and set(got.values()) == {1}
     assert sandbox.store.stats()["duplicates_ignored"] == 0
+
+
+# -- Segment's own clients ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gzip", [False, True], ids=["plain", "gzip"])
+def test_segment_python_library_delivers_every_mappable_event_once(serving, sandbox: Sandbox, gzip: bool) -> None:
+    """segment-analytics-python (Segment's own library, batching to /v1/batch, gzip on and off)."""
+    from segment.analytics import Client
+
+    errors: list[Any] = []
+    with serving(write_keys=frozenset({WRITE_KEY})) as server:
+        client = Client(WRITE_KEY, host=server.url, gzip=gzip, on_error=lambda e, batch: errors.append(e),
+                        upload_interval=0.05, max_retries=1)
+        sent = []
+        for i in range(60):
+            sent.append(client.track(anonymous_id=f"anon-{i}", event="Product Viewed",
+                                     properties={"product_id": f"sku-{i}", "resolvedBidId": f"bid-{i}"},
+                                     context={"page": {"path": f"/p/{i}"}})[1])
+        for i in range(10):  # no page type: rejected by the rules, as designed
+            sent.append(client.page(anonymous_id=f"anon-{i}", name="Home")[1])
+        for i in range(5):
+            sent.append(client.page(anonymous_id=f"anon-{i}", properties={"page": {"type": "home", "pageId": "h"}})[1])
+        sent.append(client.identify(user_id="u-1", traits={"plan": "pro"})[1])
+        client.flush()
+        client.shutdown()
+        assert not errors
+    expected = expected_ids(sent)
+    assert len(expected) == 65
+    assert arrived(sandbox) == expected  # each exactly once
+
+
+def test_segment_python_library_logs_our_error_code_and_message(serving) -> None:
+    """The library reads ``code`` and ``message`` of an error body (segment/analytics/request.py, ``post``)."""
+    from segment.analytics import Client
+
+    errors: list[Any] = []
+    with serving(write_keys=frozenset({WRITE_KEY})) as server:
+        client = Client("stolen", host=server.url, on_error=lambda e, batch: errors.append(e), max_retries=0)
+        client.track(anonymous_id="a", event="Product Viewed", properties={"product_id": "p"})
+        client.flush()
+        client.shutdown()
+    assert [(e.status, e.code) for e in errors] == [(401, "bad_write_key")]
+    assert "write key is not one this receiver accepts" in errors[0].message
+
+
+NEXT_VERSION, NODE_VERSION = "1.84.3", "3.1.0"
+"""The npm packages whose requests the next test replays."""
+
+
+def test_analytics_js_and_analytics_node_requests_as_their_packages_make_them(serving, sandbox: Sandbox,
+                                                                               tmp_path: Path) -> None:
+    """Replays the requests @segment/analytics-next 1.84.3 and @segment/analytics-node 3.1.0 make.
+
+    Read from their built packages (``npm pack``):
+
+    * analytics-next, ``dist/cjs/plugins/segmentio/index.js``: posts to ``${protocol}://${apiHost}/${type[0]}``
+      (``apiHost`` defaults to ``api.segment.io/v1``: ``/v1/t``, ``/v1/p``, ...);
+      ``batched-dispatcher.js``: ``${apiHost}/b`` with ``{writeKey, batch, sentAt}`` (``sentAt`` removed
+      from each event); ``shared-dispatcher.js`` ``createHeaders``: ``Content-Type: text/plain``;
+      ``fetch-dispatcher.js``: ``Authorization: Basic base64(writeKey + ':')`` and ``X-Retry-Count`` on
+      retries; ``normalize.js``: ``writeKey``, ``sentAt`` and ``_metadata`` {bundled, unbundled,
+      bundledIds} in each body; ``core/stats/remote-metrics.js``: its own telemetry to ``${apiHost}/m``.
+      The Authorization header makes browsers send a CORS preflight first.
+    * analytics-node, ``dist/cjs/plugins/segmentio/publisher.js``: ``POST {host}/v1/batch`` with
+      ``Content-Type: application/json``, ``User-Agent: analytics-node-next/latest``, Basic auth,
+      body ``{batch, writeKey, sentAt}``; ``index.js``: ``context.library`` and ``_metadata`` {nodeVersion,
+      jsRuntime} on each event.
+    """
+    origin = "https://shop.example"
+    auth = basic(WRITE_KEY)["Authorization"]
+    now = "2026-11-27T10:00:00.000Z"
+
+    def browser_event(message_id: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "timestamp": now, "integrations": {}, "messageId": message_id, "anonymousId": "anon-b",
+            "userId": None, "context": {"page": {"path": "/p/1", "url": "https://shop.example/p/1"},
+                                        "userAgent": "Mozilla/5.0", "locale": "en-US",
+                                        "library": {"name": "analytics.js", "version": f"npm:next-{NEXT_VERSION}"}},
+            "writeKey": WRITE_KEY, "sentAt": now,
+            "_metadata": {"bundled": ["Segment.io"], "unbundled": [], "bundledIds": []}, **fields,
+        }
+
+    browser = {"Content-Type": "text/plain", "Authorization": auth, "Origin": origin}
+    track = browser_event("ajs-next-1", type="track", event="Product Viewed",
+                          properties={"product_id": "sku-1", "resolvedBidId": "bid-1"})
+    page = browser_event("ajs-next-2", type="page", properties={"page": {"type": "home", "pageId": "home"}})
+    batched = [{k: v for k, v in browser_event(f"ajs-next-{i}", type="track", event="Product Viewed",
+                                               properties={"product_id": f"sku-{i}"}).items() if k != "sentAt"}
+               for i in (3, 4)]
+    batched[1]["anonymousId"] = None  # no user at all: rejected, so its dead letter shows what was kept
+    node_events = [{"type": "track", "event": "Product Viewed", "properties": {"product_id": "sku-5"},
+                    "userId": "u-5", "messageId": "node-next-5", "timestamp": now, "integrations": {},
+                    "context": {"library": {"name": "@segment/analytics-node", "version": NODE_VERSION}},
+                    "_metadata": {"nodeVersion": "v22.0.0", "jsRuntime": "node"}}]
+    with serving(write_keys=frozenset({WRITE_KEY}), cors_origins=frozenset({origin})) as server, \
+            httpx.Client(base_url=server.url) as client:
+        preflight = client.options("/v1/t", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-retry-count"})
+        stranger = client.options("/v1/t", headers={"Origin": "https://evil.example",
+                                                    "Access-Control-Request-Method": "POST"})
+        answers = [
+            client.post("/v1/t", content=orjson.dumps(track), headers=browser),
+            client.post("/v1/p", content=orjson.dumps(page), headers={**browser, "X-Retry-Count": "1"}),
+            client.post("/v1/b", content=orjson.dumps({"writeKey": WRITE_KEY, "batch": batched, "sentAt": now}),
+                        headers=browser),
+            client.post("/v1/batch", content=orjson.dumps({"batch": node_events, "writeKey": WRITE_KEY, "sentAt": now}),
+                        headers={"Content-Type": "application/json", "User-Agent": "analytics-node-next/latest",
+                                 "Authorization": auth}),
+        ]
+        telemetry = client.post("/v1/m", content=b'{"series":[]}', headers={"Content-Type": "text/plain"})
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin
+    assert {"authorization", "content-type", "x-retry-count"} <= {
+        h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")}
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert stranger.status_code == 403 and "Access-Control-Allow-Origin" not in stranger.headers
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    assert all(a.headers["Access-Control-Allow-Origin"] == origin for a in answers[:3])
+    assert telemetry.status_code == 204
+    assert arrived(sandbox) == Counter({"ajs-next-1": 1, "ajs-next-2": 1, "ajs-next-3": 1, "node-next-5": 1})
+    letters = list(read_dead_letters(tmp_path / "dead.ndjson"))
+    assert [d["messageId"] for d in letters] == ["ajs-next-4"] and "writeKey" not in letters[0]["event"]
+    assert WRITE_KEY not in (tmp_path / "dead.ndjson").read_text()
+    assert WRITE_KEY.encode() not in (tmp_path / "serve.spool").read_bytes()
+
+
+def test_cross_origin_calls_are_closed_by_default(serving) -> None:
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        preflight = client.options("/v1/t", headers={"Origin": "https://shop.example",
+                                                     "Access-Control-Request-Method": "POST"})
+        post = client.post("/v1/t", json=view("o-1"), headers={"Origin": "https://shop.example"})
+    assert preflight.status_code == 403 and "Access-Control-Allow-Origin" not in preflight.headers
+    assert post.status_code == 200 and "Access-Control-Allow-Origin" not in post.headers  # the browser hides it
+
+
+# -- Segment's Tracking API semantics --------------------------------------------------------------
+
+
+def test_batch_context_and_integrations_are_merged_into_each_message(serving, tmp_path: Path) -> None:
+    no_user = {k: v for k, v in view("x-1").items() if k not in ("anonymousId", "context")}
+    own = {**no_user, "messageId": "x-2", "context": {"page": {"path": "/own"}, "ip": "10.0.0.2"},
+           "integrations": {"All": False}}
+    batch = {"batch": [no_user, own], "context": {"page": {"path": "/batch"}, "ip": "10.0.0.1", "locale": "fr"},
+             "integrations": {"All": True, "Topsort": True}}
+    with serving() as server:
+        assert httpx.post(server.url + "/v1/batch", json=batch).status_code == 200
+    first, second = (d["event"] for d in read_dead_letters(tmp_path / "dead.ndjson"))  # rejected: no user
+    assert first["context"] == {"page": {"path": "/batch"}, "ip": "10.0.0.1", "locale": "fr"}
+    assert first["integrations"] == {"All": True, "Topsort": True}
+    assert second["context"] == {"page": {"path": "/own"}, "ip": "10.0.0.2", "locale": "fr"}  # its keys win
+    assert second["integrations"] == {"All": False, "Topsort": True}
+
+
+def test_clock_skew_is_corrected_and_the_client_time_kept(serving, sandbox: Sandbox, tmp_path: Path) -> None:
+    """A client clock an hour ahead: the event happened 2 s before it was sent, so 2 s before arrival."""
+    from datetime import UTC, datetime, timedelta
+
+    client_now = datetime.now(UTC) + timedelta(hours=1)
+    happened = (client_now - timedelta(seconds=2)).isoformat()
+    event = {**view("k-1", timestamp=happened)}
+    rejected = {k: v for k, v in view("k-2", timestamp=happened).items() if k != "anonymousId"}
+    with serving() as server:
+        before = datetime.now(UTC)
+        answer = httpx.post(server.url + "/v1/batch", json={"batch": [event, rejected], "sentAt": client_now.isoformat()})
+        after = datetime.now(UTC)
+    assert answer.status_code == 200
+    occurred = datetime.fromisoformat(sandbox.store.all()["impressions"][0]["occurredAt"])
+    assert before - timedelta(seconds=2.1) <= occurred <= after - timedelta(seconds=1.9)
+    letter = next(read_dead_letters(tmp_path / "dead.ndjson"))["event"]
+    assert letter["originalTimestamp"] == happened
+    received = datetime.fromisoformat(letter["receivedAt"])
+    assert before - timedelta(seconds=0.01) <= received <= after
+    assert datetime.fromisoformat(letter["timestamp"]) == received - timedelta(seconds=2)
+
+
+def test_generated_message_ids_deduplicate_a_retried_body(serving, sandbox: Sandbox) -> None:
+    events = [{k: v for k, v in view(f"g-{i}").items() if k != "messageId"} for i in range(3)]
+    body = orjson.dumps({"batch": events, "sentAt": "2026-11-27T10:00:01Z"})
+    retried = orjson.dumps({"batch": events, "sentAt": "2026-11-27T10:00:09Z"})  # a later attempt
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        first = client.post("/v1/batch", content=body).json()
+        again = client.post("/v1/batch", content=retried).json()
+    assert (first["accepted"], again["accepted"], again["duplicates"]) == (3, 0, 3)
+    got = arrived(sandbox)
+    assert len(got) == 3 and set(got.values()) == {1}
+    assert all(i.startswith("serve-") for i in got)
+
+
+def test_spool_limit_holds_under_concurrent_batches(serving, sandbox: Sandbox) -> None:
+    sandbox.set_faults(Faults(server_error=1.0))  # nothing leaves the spool
+    limit, per_batch = 50, 10
+    policy = RetryPolicy(base=0.01, cap=0.05, max_elapsed=300)
+    barrier = threading.Barrier(20)
+    answers: list[int] = []
+
+    def send(number: int) -> None:
+        body = orjson.dumps({"batch": [view(f"c{number}-{i}") for i in range(per_batch)]})
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            barrier.wait()
+            answers.append(client.post("/v1/batch", content=body).status_code)
+
+    with serving(max_spooled=limit, policy=policy) as server:
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        spooled = server.receiver.spooled
+        sandbox.set_faults(Faults())
+    assert sorted(set(answers)) == [200, 503]
+    assert spooled == answers.count(200) * per_batch <= limit + per_batch
+
+
+def test_dedupe_window_survives_a_restart(serving, sandbox: Sandbox) -> None:
+    with serving() as server:
+        assert httpx.post(server.url + "/v1/batch", json={"batch": [view("r-1"), view("r-2")]}).status_code == 200
+    with serving() as server:
+        again = httpx.post(server.url + "/webhook", json=[view("r-2"), view("r-3")]).json()
+    assert again["duplicates"] == 1
+    assert arrived(sandbox) == Counter({"r-1": 1, "r-2": 1, "r-3": 1})
+    assert sandbox.store.stats()["duplicates_ignored"] == 0  # the repeat never left serve
+
+
+def test_the_stored_window_keeps_the_latest_ids(tmp_path: Path) -> None:
+    from engine.spool import Chunk
+
+    with Spool(tmp_path / "s.spool") as spool:
+        spool.commit(Chunk(seen=[("old", 100.0), ("a", 200.0), ("b", 300.0), ("c", 400.0)]))
+        spool.forget_messages(before=150.0, keep=2)
+        assert spool.seen_messages() == [("b", 300.0), ("c", 400.0)]
+
+
+# -- compressed bodies -----------------------------------------------------------------------------
+
+
+def _gzip_stream(pieces: Iterator[bytes]) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return b"".join(packer.compress(piece) for piece in pieces) + packer.flush()
+
+
+def test_gzip_and_deflate_bodies_are_accepted(serving, sandbox: Sandbox) -> None:
+    import gzip
+    import zlib
+
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        answers = [
+            client.post("/v1/batch", content=gzip.compress(orjson.dumps({"batch": [view("z-1")]})),
+                        headers={"Content-Encoding": "gzip"}),
+            client.post("/webhook", content=zlib.compress(orjson.dumps(view("z-2"))),
+                        headers={"Content-Encoding": "deflate"}),
+            client.post("/v1/track", content=zlib.compress(orjson.dumps(view("z-3")))[2:-4],  # raw deflate
+                        headers={"Content-Encoding": "deflate"}),
+            client.post("/v1/track", content=gzip.compress(orjson.dumps(view("z-4", pad="y" * 40_000))),
+                        headers={"Content-Encoding": "gzip"}),
+            client.post("/v1/track", content=gzip.compress(orjson.dumps(view("z-5")))[:-6],
+                        headers={"Content-Encoding": "gzip"}),
+            client.post("/webhook", content=gzip.compress(b'[{"type": "identify"},') + gzip.compress(
+                orjson.dumps(view("z-6")) + b"]"), headers={"Content-Encoding": "gzip"}),  # two gzip members
+        ]
+    status = [(a.status_code, a.json().get("error")) for a in answers]
+    assert status == [(200, None), (200, None), (200, None), (413, "event_too_large"), (400, "bad_encoding"),
+                      (200, None)]
+    assert arrived(sandbox) == Counter({"z-1": 1, "z-2": 1, "z-3": 1, "z-6": 1})
+
+
+def test_a_gzip_bomb_is_refused_without_its_expansion(serving) -> None:
+    """200 MiB of zeros in ~200 KB of gzip: refused with 413 once 500 KB came out, memory flat."""
+    import tracemalloc
+
+    bomb = _gzip_stream(bytes(1 << 20) for _ in range(200))
+    assert len(bomb) < 500 * 1024
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        tracemalloc.start()
+        try:
+            answer = client.post("/v1/batch", content=bomb, headers={"Content-Encoding": "gzip"})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert (answer.status_code, answer.json()["error"]) == (413, "request_too_large")
+    assert "once decompressed" in answer.json()["reason"]
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes while refusing a 200 MiB expansion"
+
+
+# -- faults: serve outlives them (issue 11) --------------------------------------------------------
+
+
+def _deep(levels: int) -> bytes:
+    """A Product Viewed event with a property nested ``levels`` deep, as JSON (orjson cannot write it)."""
+    event = orjson.dumps(view("q-2", properties={"product_id": "p", "resolvedBidId": "b", "deep": "HERE"}))
+    return event.replace(b'"HERE"', b'{"a":' * levels + b"{}" + b"}" * levels)
+
+
+def test_poison_events_never_stop_serve(serving, sandbox: Sandbox, tmp_path: Path, caplog) -> None:
+    """Issue 11 case 1: a quantity of 1e20 or an event nested 300 deep, unauthenticated, stopped serve."""
+    order = {"type": "track", "event": "Order Completed", "messageId": "q-1", "anonymousId": "a",
+             "timestamp": "2026-11-27T10:00:00Z",
+             "properties": {"order_id": "o-1", "products": [{"product_id": "p", "price": 1, "quantity": 1e20}]}}
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        poisoned = [client.post("/v1/track", json=order), client.post("/webhook", content=_deep(300))]
+        for _ in range(3):  # as Segment retries
+            poisoned.append(client.post("/v1/track", json=order))
+        after = client.post("/v1/batch", json={"batch": [view("q-3")]})
+        health = client.get("/healthz")
+        assert server.receiver.failure is None and server._thread is not None and server._thread.is_alive()
+    assert after.status_code == 200 and health.status_code == 200
+    for answer in poisoned:  # each is either refused as a whole or its event dead-lettered; never a stop
+        assert answer.status_code in (200, 500), answer.text
+    letters = {d["messageId"] or "q-2" for d in read_dead_letters(tmp_path / "dead.ndjson")}
+    assert "q-2" in letters
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) <= 1  # a cause is logged once
+    assert arrived(sandbox)["q-3"] == 1
+
+
+class _FullDisk:
+    """Makes the spool's commit fail as SQLite does on a full disk, while ``on``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, method: str = "commit") -> None:
+        import sqlite3
+
+        self.on = True
+        self.calls = 0
+        real = getattr(Spool, method)
+
+        def failing(spool: Spool, *args: Any) -> Any:
+            if self.on:
+                self.calls += 1
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(spool, *args)
+
+        monkeypatch.setattr(Spool, method, failing)
+
+
+def test_a_batch_refused_by_the_spool_is_taken_on_retry(serving, sandbox: Sandbox, monkeypatch) -> None:
+    """Issue 11 case 2: ids were claimed before the events were spooled, so the retry was 'duplicates'."""
+    body = orjson.dumps({"batch": [view("f-1"), view("f-2")]})
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        disk = _FullDisk(monkeypatch)
+        failed = client.post("/v1/batch", content=body)
+        disk.on = False
+        retried = client.post("/v1/batch", content=body)
+    assert failed.status_code == 503 and disk.calls == 1
+    assert retried.json() == {"success": True, "accepted": 2, "duplicates": 0}
+    assert arrived(sandbox) == Counter({"f-1": 1, "f-2": 1})
+
+
+def test_a_full_disk_is_answered_503_logged_once_and_recovered_from(serving, sandbox: Sandbox, monkeypatch,
+                                                                   caplog) -> None:
+    """Issue 11 case 9: serve answered 503 for a while, then exited."""
+    with serving(retry_after=3) as server, httpx.Client(base_url=server.url) as client:
+        disk = _FullDisk(monkeypatch)
+        refused = [client.post("/webhook", json=view(f"d-{i}")) for i in range(5)]
+        health = client.get("/healthz")
+        disk.on = False
+        taken = client.post("/webhook", json=view("d-0"))
+        healthy = client.get("/healthz")
+        metrics = client.get("/metrics").text
+    assert {(a.status_code, a.headers.get("Retry-After"), a.json()["error"]) for a in refused} == {(503, "3", "unavailable")}
+    assert health.status_code == 503 and "disk is full" in health.json()["reason"]
+    assert taken.status_code == 200 and healthy.status_code == 200
+    assert 'segment_topsort_spool_errors_total{error="OperationalError"} 5' in metrics
+    assert len([r for r in caplog.records if "disk is full" in r.getMessage() and r.levelname == "ERROR"]) == 1
+    assert not any(r.exc_info for r in caplog.records if r.name.startswith("segment_topsort"))
+    assert arrived(sandbox) == Counter({"d-0": 1})
+
+
+def test_delivery_reopens_the_spool_after_a_fault_and_delivers(serving, sandbox: Sandbox, monkeypatch) -> None:
+    """A fault while settling deliveries closes the spool; serve opens it again and goes on."""
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        disk = _FullDisk(monkeypatch, "settle")
+        assert client.post("/webhook", json=view("e-1")).status_code == 200
+        _eventually(lambda: disk.calls > 0)
+        disk.on = False
+        _eventually(lambda: client.post("/webhook", json=view("e-2")).status_code == 200)
+        _eventually(lambda: server.receiver.spooled == 0)
+        assert server.receiver.failure is None
+    got = arrived(sandbox)
+    assert set(got) == {"e-1", "e-2"}
+
+
+def test_a_reload_that_fails_to_load_is_logged_counted_and_survived(serving, sandbox: Sandbox,
+                                                                    tmp_path: Path, caplog) -> None:
+    """Issue 11 case 8: a 1 000-term || chain made the reload thread die without a word."""
+    mine = tmp_path / "my-rules"
+    mine.mkdir()
+    chain = " || ".join(f"properties.a{i}" for i in range(1000))
+    with serving(rule_dirs=(ROOT / "rules", mine)) as server:
+        before = server.receiver.engine
+        (mine / "deep.yaml").write_text(
+            "rules:\n  - name: deep\n    when: {type: track, event: Deep}\n    emit: clicks\n    fields:\n"
+            f'      id: messageId\n      opaqueUserId: "{chain}"\n      occurredAt: {{from: timestamp, as: datetime}}\n')
+        assert server.receiver.reload_rules() is False
+        assert server.receiver.engine is before
+        assert httpx.post(server.url + "/webhook", json=view("l-1")).status_code == 200
+        metrics = server.receiver.metrics.render({})
+    assert 'segment_topsort_rule_reloads_total{result="failed"} 1' in metrics
+    assert any("rules not reloaded" in r.getMessage() for r in caplog.records)
+    assert arrived(sandbox) == Counter({"l-1": 1})
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+def test_credentials_are_checked_before_size_and_json(serving) -> None:
+    big = orjson.dumps({"batch": [view(f"a-{i}", pad="y" * 20_000) for i in range(30)]})
+    with serving(write_keys=frozenset({WRITE_KEY}), shared_secret=SECRET) as server, \
+            httpx.Client(base_url=server.url) as client:
+        answers = {
+            "big, no key": client.post("/v1/batch", content=big),
+            "big, wrong key": client.post("/v1/batch", content=big, headers=basic("stolen")),
+            "malformed, no key": client.post("/v1/track", content=b"{nope"),
+            "gzip bomb, no key": client.post("/v1/batch", content=_gzip_stream(bytes(1 << 20) for _ in range(5)),
+                                             headers={"Content-Encoding": "gzip"}),
+            "big webhook, no signature": client.post("/webhook", content=big),
+            "big webhook, bad signature": client.post("/webhook", content=big, headers={"X-Signature": "00"}),
+            "big, right key": client.post("/v1/batch", content=big, headers=basic(WRITE_KEY)),
+        }
+    status = {name: answer.status_code for name, answer in answers.items()}
+    assert status == {name: 413 if "right key" in name else 401 for name in answers}
+
+
+def test_bodies_that_are_not_events_are_refused_400(serving, sandbox: Sandbox) -> None:
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        answers = [client.post(path, content=body) for path in ("/webhook", "/v1/track")
+                   for body in (b'"hello"', b"null", b'[1,"a"]', b"3")]
+        answers.append(client.post("/v1/batch", json={"batch": [1, "a"]}))
+        empty = client.post("/webhook", json=[])
+    assert {(a.status_code, a.json()["error"]) for a in answers} == {(400, "not_an_event")}
+    assert empty.json() == {"success": True, "accepted": 0, "duplicates": 0}
+    assert not arrived(sandbox)
+
+
+def test_refusals_are_logged_one_line_each_without_secrets_and_rate_limited(serving, caplog) -> None:
+    with serving(write_keys=frozenset({WRITE_KEY})) as server, httpx.Client(base_url=server.url) as client:
+        answer = client.post("/v1/batch", json={"batch": [view("n-1")]}, headers=basic("stolen-key"))
+        for _ in range(100):
+            client.post("/v1/batch", content=b"{}", headers=basic("stolen-key"))
+        time.sleep(0.6)
+        client.post("/v1/track", content=b"{}", headers=basic("stolen-key"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+    assert lines[0] == ("refused 401 bad_write_key: POST /v1/batch from 127.0.0.1:"
+                        " the write key is not one this receiver accepts")
+    assert answer.json()["code"] == "bad_write_key" and answer.json()["message"] == answer.json()["reason"]
+    assert 15 <= len(lines) <= 25 and "more refusals not logged" in lines[-1]
+    assert not any("stolen-key" in r.getMessage() or WRITE_KEY in r.getMessage() for r in caplog.records)
+
+
+def _raw_request(url: str, head: bytes, body: bytes) -> Any:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
+    sock.sendall(head + body)
+    return sock
+
+
+def test_slow_clients_are_cut_off(serving) -> None:
+    with serving(read_timeout=0.3) as server:
+        sock = _raw_request(server.url, b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n", b"[")
+        started = time.monotonic()
+        answer = b""
+        while b"request_timeout" not in answer and (part := sock.recv(4096)):
+            answer += part
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+    assert time.monotonic() - started < 5
+    with serving(read_timeout=0.4) as server:  # headers that never end
+        sock = _raw_request(server.url, b"POST /webhook HTTP/1.1\r\nHost: x\r\n", b"")
+        started = time.monotonic()
+        assert sock.recv(4096) == b""  # closed
+        waited = time.monotonic() - started
+        sock.close()
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    assert 0.3 < waited < 5
+
+
+def test_a_client_that_goes_away_logs_no_traceback(serving, sandbox: Sandbox, caplog) -> None:
+    with serving() as server:
+        sock = _raw_request(server.url, b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n", b"[{")
+        sock.close()
+        time.sleep(0.2)
+        assert httpx.post(server.url + "/webhook", json=view("v-1")).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert arrived(sandbox) == Counter({"v-1": 1})
