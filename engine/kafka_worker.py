@@ -11,6 +11,8 @@ The *delivery thread* (the caller of :meth:`KafkaWorker.run`) runs the
 :class:`~engine.dispatch.Dispatcher`; on its ticks it writes the spool's dead letters to the
 dead-letter topic and marks settled messages done. A partition's offset is committed only up to
 the first message not yet done (its Topsort events settled, its dead letter acknowledged).
+
+One cohesive piece (the worker, its offsets and its dead letters), hence a little over 350 lines.
 """
 
 from __future__ import annotations
