@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=8)
     args = parser.parse_args()
 
-    url, server = _start_sandbox()
+    url, server = start_sandbox()
     try:
         rates = [_round(url, args.events, args.in_flight, n) for n in range(args.rounds)]
         stats = httpx.get(f"{url}/_sandbox/stats").json()
@@ -76,7 +76,8 @@ def _round(url: str, count: int, in_flight: int, number: int) -> float:
     return rate
 
 
-def _start_sandbox() -> tuple[str, subprocess.Popen[bytes]]:
+def start_sandbox() -> tuple[str, subprocess.Popen[bytes]]:
+    """``segment-topsort sandbox`` in a process of its own, accepting :data:`KEY`: its URL and process."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

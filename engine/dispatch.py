@@ -18,6 +18,9 @@ about half the CPU per request of the asynchronous one).
 
 Outcomes are settled in the spool in groups (:meth:`Spool.settle`); an outcome lost in a crash only
 means its events are sent again, under the same ids, which Topsort deduplicates.
+
+Requests go through ``transport`` when one is given (``httpx.MockTransport`` in unit tests, any
+``httpx.BaseTransport`` in a library), and retries wait by ``clock`` (a :class:`Clock`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,22 @@ class _BatchOutcome:
     retries: int = 0
 
 
+class Clock:
+    """The time retries go by: real time. Tests pass a subclass that only pretends to wait."""
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (elapsed time, pauses)."""
+        return time.monotonic()
+
+    def time(self) -> float:
+        """Unix time (for ``Retry-After`` dates and ``X-RateLimit-Reset`` times)."""
+        return time.time()
+
+    def wait(self, stop: threading.Event, seconds: float) -> bool:
+        """Wait ``seconds``, or until ``stop`` is set; True if it was."""
+        return stop.wait(seconds)
+
+
 class _Stopped(Exception):
     """Delivery is stopping: leave the rest of the batch in the spool."""
 
@@ -114,6 +133,8 @@ class Dispatcher:
         timeout: float = 10.0,
         policy: RetryPolicy | None = None,
         high_water: int = 20_000,
+        transport: httpx.BaseTransport | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -126,6 +147,8 @@ class Dispatcher:
         self._timeout = timeout
         self._policy = policy or RetryPolicy()
         self._high_water = high_water
+        self._transport = transport
+        self._clock = clock or Clock()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._pause_lock = threading.Lock()
@@ -157,7 +180,9 @@ class Dispatcher:
         )
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
         with (
-            httpx.Client(headers=headers, limits=limits, timeout=self._timeout) as client,
+            httpx.Client(
+                headers=headers, limits=limits, timeout=self._timeout, transport=self._transport
+            ) as client,
             ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="segment-topsort-post") as pool,
         ):
             reader.start()
@@ -314,10 +339,11 @@ class Dispatcher:
     def _send(self, client: httpx.Client, rows: Sequence[Spooled], outcome: _BatchOutcome) -> _Refusal | None:
         """POST ``rows`` until answered for good; None when delivered."""
         body = _body(rows)
-        started = time.monotonic()
+        clock = self._clock
+        started = clock.monotonic()
         attempt = 0
         while True:
-            self._sleep(self._paused_until - time.monotonic())
+            self._sleep(self._paused_until - clock.monotonic())
             outcome.requests += 1
             try:
                 response = client.post(self.url, content=body)
@@ -330,12 +356,12 @@ class Dispatcher:
                 _raise_if_fatal(status, self.url)
                 if not is_transient(status):
                     return _refusal(response)
-                problem, hint = f"HTTP {status}", server_delay(response.headers)
+                problem, hint = f"HTTP {status}", server_delay(response.headers, clock.time())
                 if hint is not None:
                     with self._pause_lock:
-                        self._paused_until = max(self._paused_until, time.monotonic() + hint)
+                        self._paused_until = max(self._paused_until, clock.monotonic() + hint)
             delay = self._policy.delay(attempt, hint)
-            elapsed = time.monotonic() - started
+            elapsed = clock.monotonic() - started
             attempt += 1
             if elapsed + delay > self._policy.max_elapsed:
                 reason = f"undeliverable after {attempt} attempt(s) in {elapsed:.1f} s: {problem}"
@@ -344,7 +370,7 @@ class Dispatcher:
             self._sleep(delay)
 
     def _sleep(self, seconds: float) -> None:
-        if self._stop.is_set() or (seconds > 0 and self._stop.wait(seconds)):
+        if self._stop.is_set() or (seconds > 0 and self._clock.wait(self._stop, seconds)):
             raise _Stopped
 
 
