@@ -26,6 +26,8 @@ class RuleReloader:
         self._folders = tuple(folders) or (BUNDLED_RULES,)
         self._metrics = metrics
         self._lock = threading.Lock()
+        self._loaded_state = _rule_files_state(self._folders)
+        """The rule files as they were when the rules in force were read (taken before reading)."""
         self.engine = Engine.from_folders(*self._folders)
         metrics.rules_loaded(self.engine.rules)
 
@@ -33,6 +35,7 @@ class RuleReloader:
         """Load the rule folders again and use them, unless they have errors or cannot be loaded at all
         (then log why, count it, and keep the rules in force). True when the new rules are in force."""
         with self._lock:
+            self._loaded_state = _rule_files_state(self._folders)
             try:
                 rules, problems = check_rules(self._folders)
                 errors = [str(p) for p in problems if p.severity == "error"]
@@ -52,12 +55,12 @@ class RuleReloader:
             return True
 
     def watch(self, seconds: float, closing: threading.Event) -> None:
-        """Reload whenever the rule files change, looking every ``seconds``, until ``closing`` is set."""
-        seen = _rule_files_state(self._folders)
+        """Reload whenever the rule files change, looking every ``seconds``, until ``closing`` is set.
+
+        Changes are judged against the files as they were when the rules in force were read, so an
+        edit made before this thread first looks is not missed."""
         while not closing.wait(seconds):
-            state = _rule_files_state(self._folders)
-            if state != seen:
-                seen = state
+            if _rule_files_state(self._folders) != self._loaded_state:
                 self.reload()
 
 
