@@ -43,11 +43,19 @@ def dead_letter(
         "messageId": event.get("messageId") if isinstance(event, dict) else None,
         "rejected": list(rejected),
     }
-    if raw is not None and event is None:
-        record["raw"] = raw.decode("utf-8", "replace")
+    if raw is not None and (event is None or not _encodable(event)):
+        record["raw"] = raw.decode("utf-8", "replace")  # what orjson cannot write again is kept as read
     else:
         record["event"] = event
     return record
+
+
+def _encodable(event: Any) -> bool:
+    try:
+        orjson.dumps(event)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def rejected_input(record: Record, outcome: Outcome) -> dict[str, Any]:
@@ -56,7 +64,7 @@ def rejected_input(record: Record, outcome: Outcome) -> dict[str, Any]:
         stage="decode" if record.error else "map",
         rejected=[r.to_dict() for r in outcome.rejected],
         event=record.event,
-        raw=record.raw if record.error else None,
+        raw=record.raw,
         origin=record.origin,
         line=record.line,
     )
