@@ -6,6 +6,7 @@ import importlib
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,7 +17,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .batching import Batcher
-from .cli_options import rules_option
+from .cli_options import EXIT_INPUT_SKIPPED, input_limits, limits_from, report_fault, rules_option
 from .dead_letters import DeadLetterFile, rejected_input
 from .engine import Engine
 from .errors import Problem, RulesInvalid
@@ -107,12 +108,15 @@ def test_command(rule_dirs: tuple[Path, ...]) -> None:
 @main.command("map")
 @click.argument("files", nargs=-1)
 @rules_option
+@input_limits
 @click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path),
               help="Append each rejected input event, with rule, path and reason, to this NDJSON file.")
 @click.option("--format", "output_format", type=click.Choice(["requests", "outcomes"]), default="requests",
               show_default=True,
               help="requests: Topsort request bodies (at most 50 per array); outcomes: one line per input event.")
-def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str) -> None:
+def map_command(
+    files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str, **limits: Any
+) -> None:
     """Map Segment events to Topsort events, without sending anything.
 
     FILES are NDJSON, JSON arrays or batch bodies, gzipped or not; folders (read recursively,
@@ -128,7 +132,7 @@ def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Pa
     requests = 0
     batcher: Batcher[dict[str, Any]] = Batcher()
     with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance:
-        for record in read_records(sources):
+        for record in read_records(sources, limits_from(limits), on_fault=partial(report_fault, stderr, tally)):
             outcome = engine.process_record(record)
             tally.add(outcome)
             advance()
@@ -148,6 +152,8 @@ def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Pa
     if rejects:
         extra["rejected events kept"] = dead.written if dead else 0
     stderr.print(tally.table("map", extra))
+    if tally.faults:
+        sys.exit(EXIT_INPUT_SKIPPED)
 
 
 @main.command("explain")
