@@ -15,6 +15,10 @@ gzip expansion per file      200× past the first 16 MiB  ``FILE: gzip expands 1
 integers in Topsort events   signed 64 bits              validation: ``… is greater than the maximum of
                                                           9223372036854775807``
 JSON document read whole     64 MiB                      a larger source is read as NDJSON, line by line
+rule file, aliases expanded  100 000 values, 64 levels    ``check``: ``FILE:LINE:COL: error: not valid YAML:
+                                                          aliases expand to more than 100,000 values …``
+JMESPath expression          4 096 characters, 64 levels  ``check``: ``FILE:LINE:COL: error: rule … field …:
+                                                          invalid JMESPath …: nested more than 64 levels …``
 ===========================  ==========================  ===============================================
 
 Request bodies of ``serve`` have limits of their own (Segment's: 32 KB per event, 500 KB per
@@ -42,6 +46,14 @@ MAX_DOCUMENT_BYTES = 64 * MiB
 """The largest JSON document read whole; a larger source is NDJSON."""
 INTEGER_RANGE = (-(2**63), 2**63 - 1)
 """The integers a Topsort event may carry (what JSON encoders and Topsort's API take)."""
+MAX_YAML_VALUES = 100_000
+"""Values a rule file may hold once its aliases are expanded (a 500-byte alias bomb holds 10⁹)."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting in a rule file."""
+MAX_EXPRESSION_CHARS = 4096
+"""The longest JMESPath expression a rule may hold (the bundled rules' longest has a few hundred)."""
+MAX_EXPRESSION_DEPTH = 64
+"""The deepest nesting of an expression's brackets, and of its syntax tree (``a || b || …`` nests too)."""
 KEPT_BYTES = 1024
 """Bytes of a refused over-long line kept in its dead letter."""
 
