@@ -22,6 +22,7 @@ from .dead_letters import DeadLetterFile, rejected_input
 from .engine import Engine
 from .errors import Problem, RulesInvalid
 from .explain import RuleExplanation, explain
+from .limits import MAX_DEPTH, MAX_LINE_BYTES, size, too_deep
 from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
@@ -161,11 +162,16 @@ def map_command(
 @rules_option
 def explain_command(event_file: str, rule_dirs: tuple[Path, ...]) -> None:
     """Show, for one Segment event (a JSON file), every rule considered and what it made of it."""
-    data = sys.stdin.buffer.read() if event_file == "-" else Path(event_file).read_bytes()
+    with (nullcontext(sys.stdin.buffer) if event_file == "-" else open(event_file, "rb")) as stream:
+        data = stream.read(MAX_LINE_BYTES + 1)
+    if len(data) > MAX_LINE_BYTES:
+        raise click.ClickException(f"{event_file} is larger than {size(MAX_LINE_BYTES)}, the limit of one event")
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise click.ClickException(f"{event_file} is not a JSON document: {exc}") from None
+    if too_deep(data):
+        raise click.ClickException(f"{event_file} nests deeper than {MAX_DEPTH} levels, the limit of one event")
     engine = _engine(rule_dirs)
     console = Console(highlight=False, soft_wrap=True)
     if not isinstance(event, dict):
@@ -261,7 +267,11 @@ def _progress(label: str, every: int = 1024) -> Iterator[Any]:
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode() if value is not None else "null"
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # a value no JSON encoder writes (an integer beyond 64 bits)
+        text = repr(value)
+        return text if len(text) <= 200 else f"{text[:200]}…"
 
 
 def _count(number: int, noun: str) -> str:

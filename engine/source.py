@@ -141,8 +141,9 @@ def read_source(
         if name == STDIN:
             yield from _read(name, sys.stdin.buffer, b"", None, limits, at, None)
             return
-        if Path(name).is_dir():
-            raise PermissionError(errno.EACCES, "its folder cannot be listed")
+        if Path(name).is_dir():  # a folder expand_sources could not list: say why
+            os.scandir(name).close()
+            raise IsADirectoryError(errno.EISDIR, "a folder that could not be listed", name)
         with _open(name) as (stream, compressed):
             head = stream.read(_HEAD)
             stream.seek(0)
