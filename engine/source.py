@@ -303,7 +303,7 @@ class _Lines:
 
     def __init__(self, stream: BinaryIO, limits: InputLimits, compressed: BinaryIO | None, origin: str) -> None:
         self._stream = stream
-        self._limit = limits.max_line_bytes
+        self.max_line_bytes = limits.max_line_bytes
         self._ratio = limits.max_gzip_ratio
         self._compressed = compressed
         self._origin = origin
@@ -319,7 +319,7 @@ class _Lines:
 
     def peek_line(self) -> bytes:
         """The first line (bounded), kept to be read again."""
-        self._ahead = self._stream.readline(self._limit + 1)
+        self._ahead = self._stream.readline(self.max_line_bytes + 1)
         return self._ahead
 
     def read_ahead(self, size: int) -> bytes:
@@ -334,11 +334,11 @@ class _Lines:
         """``(line, newlines, too_long)``; ``newlines`` counts the lines it stands for (a run of
         blank lines is one empty ``line``), ``too_long`` marks a line cut to its first KiB."""
         while True:
-            line = self._readline(self._limit + 1)
+            line = self._readline(self.max_line_bytes + 1)
             if not line:
                 return
             self.offset += len(line)
-            if len(line) > self._limit and not line.endswith(b"\n"):
+            if len(line) > self.max_line_bytes and not line.endswith(b"\n"):
                 self._skip_rest()
                 yield line[:KEPT_BYTES], 1, True
             elif line.isspace():
@@ -406,7 +406,7 @@ def _ndjson(
         line = at.line
         checkpoint = _checkpoint(origin, reader.offset, line, head[: reader.offset])
         if too_long:
-            error = f"{origin}:{line}: line longer than {size(reader._limit)} (--max-line-bytes); skipped"
+            error = f"{origin}:{line}: line longer than {size(reader.max_line_bytes)} (--max-line-bytes); skipped"
             yield Record(origin, line, raw, error=error), checkpoint
             continue
         raw = raw.strip()
