@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Literal
 
 import orjson
 
+from .limits import encodable
 from .outcome import Outcome
 from .source import Record
 
@@ -43,19 +44,11 @@ def dead_letter(
         "messageId": event.get("messageId") if isinstance(event, dict) else None,
         "rejected": list(rejected),
     }
-    if raw is not None and (event is None or not _encodable(event)):
+    if raw is not None and (event is None or not encodable(event)):
         record["raw"] = raw.decode("utf-8", "replace")  # what orjson cannot write again is kept as read
     else:
         record["event"] = event
     return record
-
-
-def _encodable(event: Any) -> bool:
-    try:
-        orjson.dumps(event)
-    except orjson.JSONEncodeError:
-        return False
-    return True
 
 
 def rejected_input(record: Record, outcome: Outcome) -> dict[str, Any]:

@@ -11,39 +11,41 @@ from jmespath.exceptions import JMESPathError
 
 from . import jmespath_compiler
 from .functions import FUNCTIONS
-from .limits import MAX_EXPRESSION_CHARS, MAX_EXPRESSION_DEPTH
+from .limits import MAX_EXPRESSION_CHARS, MAX_EXPRESSION_DEPTH, encodable
 
 Expression = Callable[[Any], Any]
 ExpressionSyntaxError = (jmespath.exceptions.ParseError, jmespath.exceptions.LexerError)
-__all__ = ["Expression", "ExpressionSyntaxError", "ExpressionTooComplex", "JMESPathError", "compile_expression",
+__all__ = ["Expression", "ExpressionSyntaxError", "ExpressionRefused", "JMESPathError", "compile_expression",
            "parse", "resolve_call"]
 
 
-class ExpressionTooComplex(jmespath.exceptions.ParseError):
-    """An expression beyond :data:`MAX_EXPRESSION_CHARS` or :data:`MAX_EXPRESSION_DEPTH`,
-    refused before parsing it could exhaust Python's recursion limit."""
+class ExpressionRefused(jmespath.exceptions.ParseError):
+    """An expression beyond :data:`MAX_EXPRESSION_CHARS` or :data:`MAX_EXPRESSION_DEPTH`, refused
+    before parsing it could exhaust Python's recursion limit, or holding a literal JSON cannot carry."""
 
     def __init__(self, position: int, message: str) -> None:
         super().__init__(position, "", "limit", message)
 
 
 def parse(expression: str) -> dict[str, Any]:
-    """The syntax tree of ``expression``, refused (:class:`ExpressionTooComplex`) when it is too
+    """The syntax tree of ``expression``, refused (:class:`ExpressionRefused`) when it is too
     long or nests too deeply: brackets are counted before parsing, operators after."""
     if len(expression) > MAX_EXPRESSION_CHARS:
-        raise ExpressionTooComplex(0, f"longer than {MAX_EXPRESSION_CHARS:,} characters")
+        raise ExpressionRefused(0, f"longer than {MAX_EXPRESSION_CHARS:,} characters")
     _check_nesting(expression)
     try:
         tree = jmespath.compile(expression).parsed
     except RecursionError:
-        raise ExpressionTooComplex(0, f"nested more than {MAX_EXPRESSION_DEPTH} levels deep") from None
+        raise ExpressionRefused(0, f"nested more than {MAX_EXPRESSION_DEPTH} levels deep") from None
     depth, stack = 0, [(tree, 1)]
     while stack:
         node, level = stack.pop()
         depth = max(depth, level)
+        if node.get("type") == "literal" and not encodable(node.get("value")):
+            raise ExpressionRefused(0, "a literal holds text JSON cannot carry (a lone surrogate)")
         stack.extend((child, level + 1) for child in node.get("children", ()) if isinstance(child, dict))
     if depth > MAX_EXPRESSION_DEPTH:
-        raise ExpressionTooComplex(0, f"nested more than {MAX_EXPRESSION_DEPTH} levels deep (operators"
+        raise ExpressionRefused(0, f"nested more than {MAX_EXPRESSION_DEPTH} levels deep (operators"
                                       " such as || and | count too); split it into fields")
     return tree
 
@@ -64,7 +66,7 @@ def _check_nesting(expression: str) -> None:
         elif char in "([{":
             depth += 1
             if depth > MAX_EXPRESSION_DEPTH:
-                raise ExpressionTooComplex(position, f"brackets nested more than {MAX_EXPRESSION_DEPTH} deep")
+                raise ExpressionRefused(position, f"brackets nested more than {MAX_EXPRESSION_DEPTH} deep")
         elif char in ")]}":
             depth -= 1
 
@@ -77,7 +79,7 @@ def compile_expression(text: str) -> Expression:
     give exactly what ``jmespath.search`` gives, several times faster. Raises
     ``jmespath.exceptions.ParseError`` (or ``LexerError``) for bad syntax; the callable raises
     a ``JMESPathError`` for run-time errors such as a wrong argument type. An expression beyond
-    the limits (:func:`parse`) raises :class:`ExpressionTooComplex`, a ``ParseError``.
+    the limits (:func:`parse`) raises :class:`ExpressionRefused`, a ``ParseError``.
     """
     parse(text)  # the limits first; jmespath keeps the parse in its cache
     return jmespath_compiler.compile_expression(text, FUNCTIONS)

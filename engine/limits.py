@@ -30,6 +30,9 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 MiB = 1024 * 1024
 
@@ -84,6 +87,16 @@ def too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
         return False
     brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
     return max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def encodable(value: Any) -> bool:
+    """Whether orjson can write ``value`` (not: deeper than 254 levels, an integer beyond 64 bits,
+    a lone surrogate). For the rare paths only: it encodes the whole value."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 def size(count: float) -> str:

@@ -73,6 +73,7 @@ def _load(path: str, text: str, loader_class: Any) -> YamlDocument:
             _check_expansion(node)
             _walk(node, (), doc)  # before construction, which flattens merge keys (<<) in place
             doc.data = loader.construct_document(node)
+            _check_text(doc)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Position(mark.line + 1, mark.column + 1) if mark else None
@@ -107,6 +108,23 @@ def _check_expansion(root: yaml.Node) -> None:
                 f"aliases expand to more than {MAX_YAML_VALUES:,} values here (an alias bomb?)", _at(node)
             )
         sizes[id(node)] = size
+
+
+def _check_text(doc: YamlDocument) -> None:
+    """Refuse a string JSON cannot carry (a lone surrogate, ``"\\ud800"``): no output could be sent."""
+    stack: list[tuple[Path_, Any]] = [((), doc.data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise YamlSyntaxError("a string holds a lone surrogate, which JSON cannot carry",
+                                      doc.position(path)) from None
+        elif isinstance(value, dict):
+            stack.extend(((*path, key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, index), item) for index, item in enumerate(value))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

@@ -320,3 +320,19 @@ def test_sigterm_stops_run_with_a_summary_and_the_next_run_delivers_the_rest(san
     assert second.returncode == 0, second.stderr.decode()[-2000:]
     stored = [event["id"] for event in sandbox.store.events("pageviews")]
     assert sorted(set(stored)) == sorted(f"p-{n}" for n in range(3000))
+
+
+def test_a_rule_whose_outputs_json_cannot_carry_is_refused_at_load(tmp_path: Path) -> None:
+    """A lone surrogate in a rule would make every output it touches unencodable: refused where it is written."""
+    (tmp_path / "text.yaml").write_text(
+        "rules:\n  - name: text\n    when: {type: page}\n    emit: pageviews\n    fields:\n"
+        "      id: \"join('', [messageId, `\\\"\\\\ud800\\\"`])\"\n      occurredAt: timestamp\n"
+        "      opaqueUserId: anonymousId\n      page: {fields: {type: {const: home}, pageId: {const: \"\\ud800\"}}}\n"
+    )
+    done = run_cli("check", str(tmp_path))
+    assert done.returncode == 1
+    assert b"text.yaml:9:60: error: not valid YAML: a string holds a lone surrogate" in done.stderr
+    (tmp_path / "text.yaml").write_text((tmp_path / "text.yaml").read_text().replace('"\\ud800"}', "home}"))
+    done = run_cli("check", str(tmp_path))
+    assert b"text.yaml:6:12: error: rule 'text' field 'id'" in done.stderr
+    assert b"a literal holds text JSON cannot carry" in done.stderr
