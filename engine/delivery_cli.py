@@ -13,6 +13,7 @@ import select
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,8 +34,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .api_key import ApiKeyError, read_api_key
-from .cli_options import EXIT_INPUT_SKIPPED, delivery_tuning, input_limits, limits_from, report_fault, rules_option
+from .cli_options import (
+    EXIT_INPUT_SKIPPED,
+    api_key_or_exit,
+    delivery_tuning,
+    input_limits,
+    limits_from,
+    report_fault,
+    rules_option,
+)
 from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
@@ -199,9 +207,7 @@ def replay_command(
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _deliver(
-    title: str, engine: Engine, target: _Target, inputs: _Inputs
-) -> None:
+def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> None:
     """Read, map, spool and deliver; print the summary. Exits 1 when delivery cannot go on,
     143 after SIGTERM, 3 when some input could not be read (see the README's exit statuses)."""
     try:
@@ -225,7 +231,7 @@ def _deliver(
         )
         failure: EngineError | OSError | None = None
         terminated = False
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = _on_sigterm(_terminate)
         try:
             with _progress(ingest, dispatcher) as show:
 
@@ -240,7 +246,7 @@ def _deliver(
         except _Terminated:
             terminated = True
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            _on_sigterm(previous)
             exported += spool.export_dead_letters(target.dead_letters)
             stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported))
             if exported:
@@ -256,6 +262,14 @@ def _deliver(
 
 class _Terminated(Exception):
     """SIGTERM arrived: raised in the main thread, where delivery then stops as for Ctrl-C."""
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM and return the one it replaces (only the main thread may; a
+    handler that was not set from Python is None and stays)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _terminate(_signum: int, _frame: Any) -> None:
@@ -366,12 +380,8 @@ def _target(
     *, endpoint: str | None, api_key_file: Path | None, spool_path: Path, dead_letters: Path,
     api_key: str | None = None, **tuning: Any,
 ) -> _Target:
-    if not api_key:
-        try:
-            api_key = read_api_key(api_key_file)
-        except ApiKeyError as exc:
-            raise click.UsageError(str(exc)) from None
-    if not endpoint or not api_key:
+    api_key = api_key or api_key_or_exit(api_key_file, _NO_TARGET)
+    if not endpoint:
         raise click.UsageError(_NO_TARGET)
     if not endpoint.startswith(("http://", "https://")):
         raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
