@@ -44,7 +44,7 @@ def dead_letter(
         "messageId": event.get("messageId") if isinstance(event, dict) else None,
         "rejected": list(rejected),
     }
-    if raw is not None and (event is None or not encodable(event)):
+    if raw is not None and (event is None or not encodable([event])):  # one level down, as in the record
         record["raw"] = raw.decode("utf-8", "replace")  # what orjson cannot write again is kept as read
     else:
         record["event"] = event

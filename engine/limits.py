@@ -1,28 +1,28 @@
 """The limits every input is held to, checked before the work they bound is done.
 
-===========================  ==========================  ===============================================
-limit                        default                     where, and how a refusal reads
-===========================  ==========================  ===============================================
-bytes per line or record     16 MiB (``--max-line-bytes``)  a longer NDJSON line is skipped unread:
-                                                          ``FILE:LINE: line longer than 16 MiB
-                                                          (--max-line-bytes); skipped``, a ``decode``
-                                                          rejection keeping its first KiB
-nesting depth of an event    128 levels                  ``FILE:LINE: nested deeper than 128 levels``;
-                                                          the encoder writes 254, and records wrap events
-gzip expansion per file      200× past the first 16 MiB  ``FILE: gzip expands 1000× (1.0 MiB → 1.0 GiB
-                             (``--max-gzip-ratio``)        …) past the 200× limit …``: the rest of the file
-                                                          is skipped and reported like a damaged one
-integers in Topsort events   signed 64 bits              validation: ``… is greater than the maximum of
-                                                          9223372036854775807``
-JSON document read whole     64 MiB                      a larger source is read as NDJSON, line by line
-rule file, aliases expanded  100 000 values, 64 levels    ``check``: ``FILE:LINE:COL: error: not valid YAML:
-                                                          aliases expand to more than 100,000 values …``
-JMESPath expression          4 096 characters, 64 levels  ``check``: ``FILE:LINE:COL: error: rule … field …:
-                                                          invalid JMESPath …: nested more than 64 levels …``
-===========================  ==========================  ===============================================
+============================  ==============================  ==========================================
+limit                         default (flag)                  refused as
+============================  ==============================  ==========================================
+bytes per input line          16 MiB (``--max-line-bytes``)   ``FILE:LINE: line longer than 16 MiB
+                                                              (--max-line-bytes); skipped``: a decode
+                                                              rejection keeping the line's first KiB
+nesting of one event          128 levels                      ``FILE:LINE: nested deeper than 128
+                                                              levels (the limit of an event)``
+expansion of a gzipped file   200× past 16 MiB                ``FILE:LINE: gzip expands 698× (… → … so
+                              (``--max-gzip-ratio``)          far), past the limit of 200× …``: the rest
+                                                              of the file is not read (exit 3)
+numbers in Topsort events     signed 64 bits                  validation: ``… is greater than the
+                                                              maximum of 9223372036854775807``
+JSON document read whole      64 MiB                          (a larger file is read as NDJSON)
+rule file, aliases expanded   100 000 values, 64 levels       ``FILE:LINE:COL: error: not valid YAML:
+                                                              aliases expand to more than 100,000 …``
+JMESPath expression           4 096 characters, 64 levels     ``FILE:LINE:COL: error: rule … field …:
+                                                              invalid JMESPath …: nested more than …``
+============================  ==============================  ==========================================
 
-Request bodies of ``serve`` have limits of their own (Segment's: 32 KB per event, 500 KB per
-request), stated there.
+orjson reads 1 024 levels but writes only 254, and records (dead letters) wrap the event: 128
+leaves room. Request bodies of ``serve`` have limits of their own (Segment's: 32 KB per event,
+500 KB per request), stated there.
 """
 
 from __future__ import annotations
