@@ -6,6 +6,7 @@ import importlib
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -16,11 +17,12 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .batching import Batcher
-from .cli_options import rule_folders, rules_option
+from .cli_options import EXIT_INPUT_SKIPPED, input_limits, limits_from, report_fault, rule_folders, rules_option
 from .dead_letters import DeadLetterFile, rejected_input
 from .engine import Engine
 from .errors import Problem, RulesInvalid
 from .explain import RuleExplanation, explain
+from .limits import MAX_DEPTH, MAX_LINE_BYTES, size, too_deep
 from .loader import check_rules
 from .paths import BUNDLED_RULES
 from .rule_tests import run_rule_tests
@@ -114,12 +116,15 @@ def test_command(rule_dirs: tuple[Path, ...], coverage: bool) -> None:
 @main.command("map")
 @click.argument("files", nargs=-1)
 @rules_option
+@input_limits
 @click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path),
               help="Append each rejected input event, with rule, path and reason, to this NDJSON file.")
 @click.option("--format", "output_format", type=click.Choice(["requests", "outcomes"]), default="requests",
               show_default=True,
               help="requests: Topsort request bodies (at most 50 per array); outcomes: one line per input event.")
-def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str) -> None:
+def map_command(
+    files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str, **limits: Any
+) -> None:
     """Map Segment events to Topsort events, without sending anything.
 
     FILES are NDJSON, JSON arrays or batch bodies, gzipped or not; folders (read recursively,
@@ -135,7 +140,7 @@ def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Pa
     requests = 0
     batcher: Batcher[dict[str, Any]] = Batcher()
     with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance:
-        for record in read_records(sources):
+        for record in read_records(sources, limits_from(limits), on_fault=partial(report_fault, stderr, tally)):
             outcome = engine.process_record(record)
             tally.add(outcome)
             advance()
@@ -155,6 +160,8 @@ def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Pa
     if rejects:
         extra["rejected events kept"] = dead.written if dead else 0
     stderr.print(tally.table("map", extra))
+    if tally.faults:
+        sys.exit(EXIT_INPUT_SKIPPED)
 
 
 @main.command("explain")
@@ -162,11 +169,16 @@ def map_command(files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Pa
 @rule_folders
 def explain_command(event_file: str, rule_dirs: tuple[Path, ...]) -> None:
     """Show, for one Segment event (a JSON file), every rule considered and what it made of it."""
-    data = sys.stdin.buffer.read() if event_file == "-" else Path(event_file).read_bytes()
+    with (nullcontext(sys.stdin.buffer) if event_file == "-" else open(event_file, "rb")) as stream:
+        data = stream.read(MAX_LINE_BYTES + 1)
+    if len(data) > MAX_LINE_BYTES:
+        raise click.ClickException(f"{event_file} is larger than {size(MAX_LINE_BYTES)}, the limit of one event")
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise click.ClickException(f"{event_file} is not a JSON document: {exc}") from None
+    if too_deep(data):
+        raise click.ClickException(f"{event_file} nests deeper than {MAX_DEPTH} levels, the limit of one event")
     engine = _engine(rule_dirs)
     console = Console(highlight=False, soft_wrap=True)
     if not isinstance(event, dict):
@@ -262,7 +274,11 @@ def _progress(label: str, every: int = 1024) -> Iterator[Any]:
 
 
 def _json(value: Any) -> str:
-    return orjson.dumps(value).decode() if value is not None else "null"
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # a value no JSON encoder writes (an integer beyond 64 bits)
+        text = repr(value)
+        return text if len(text) <= 200 else f"{text[:200]}…"
 
 
 def _count(number: int, noun: str) -> str:

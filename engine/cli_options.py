@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from rich.console import Console
+from rich.markup import escape
 
+from .api_key import ApiKeyError, read_api_key
+from .limits import MAX_GZIP_RATIO, MAX_LINE_BYTES, InputLimits
 from .rule_folders import RulesFolderError, resolve_rules_folder
+from .source import SourceFault
+from .summary import Tally
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,3 +75,46 @@ def delivery_tuning(command: F) -> F:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+EXIT_INPUT_SKIPPED = 3
+"""Exit status of a command that went through, but could not read some input (a damaged,
+unreadable or refused file or folder, each reported with its path)."""
+
+
+def input_limits(command: F) -> F:
+    """``--max-line-bytes`` and ``--max-gzip-ratio``, given to the command as ``limits``."""
+
+    options = [
+        click.option("--max-line-bytes", type=click.IntRange(min=1024), default=MAX_LINE_BYTES, show_default=True,
+                     help="Longest input line (or record) read; a longer one is skipped and dead-lettered."),
+        click.option("--max-gzip-ratio", type=click.FloatRange(min=1), default=MAX_GZIP_RATIO, show_default=True,
+                     help="Largest expansion of a gzipped input (past its first 16 MiB); beyond it the rest of"
+                          " the file is refused as a likely gzip bomb."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def limits_from(settings: dict[str, Any]) -> InputLimits:
+    """The :class:`InputLimits` of :func:`input_limits`' options, taken out of ``settings``."""
+    return InputLimits(settings.pop("max_line_bytes"), settings.pop("max_gzip_ratio"))
+
+
+def report_fault(console: Console, tally: Tally, fault: SourceFault) -> None:
+    """Say on ``console`` which source could not be read to its end, and count it."""
+    console.print(f"[yellow]{escape(str(fault))}[/]")
+    tally.fault(fault)
+
+
+def api_key_or_exit(key_file: Path | None, missing: str) -> str:
+    """The Topsort API key (:func:`~engine.api_key.read_api_key`), or a usage error: ``missing``
+    when none is set, the one-sentence reason when it cannot be used."""
+    try:
+        key = read_api_key(key_file)
+    except ApiKeyError as exc:
+        raise click.UsageError(str(exc)) from None
+    if key is None:
+        raise click.UsageError(missing)
+    return key

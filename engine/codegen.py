@@ -19,9 +19,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from jmespath.exceptions import JMESPathError
-from jmespath.parser import Parser
 
-from .expressions import ExpressionSyntaxError, resolve_call
+from .expressions import ExpressionSyntaxError, parse, resolve_call
 from .jmespath_compiler import is_false
 
 Emit = Callable[["Writer", "Scope"], str]
@@ -159,7 +158,7 @@ def expression(text: str, evaluate: Callable[[Any], Any], failure: Callable[[JME
     function calls; otherwise a call of ``evaluate``, its compiled closure. Where the inlined
     code raises a JMESPath error, it raises ``failure(error)`` instead, as ``evaluate`` does."""
     try:
-        node = Parser().parse(text).parsed
+        node = parse(text)
     except ExpressionSyntaxError:
         node = None
     if node is None or not _inlinable(node):

@@ -19,6 +19,7 @@ _INTEGER = re.compile(r"-?\d+")
 _RFC3339 = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})"
 )
+_INTEGER_DIGITS = 19  # longer integer strings are read as floats: validation bounds them, int() may refuse
 _SECONDS_BELOW = 10**11  # an epoch number under this is seconds (in ms it would be before 1973)
 
 
@@ -30,7 +31,7 @@ def to_string(value: Any) -> Any:
 
 def to_number(value: Any) -> Any:
     if isinstance(value, str) and _NUMBER.fullmatch(s := value.strip()):
-        if _INTEGER.fullmatch(s):
+        if len(s) <= _INTEGER_DIGITS and _INTEGER.fullmatch(s):
             return int(s)
         number = float(s)
         return number if math.isfinite(number) else value

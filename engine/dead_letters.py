@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Literal
 
 import orjson
 
+from .limits import encodable
 from .outcome import Outcome
 from .source import Record
 
@@ -43,8 +44,8 @@ def dead_letter(
         "messageId": event.get("messageId") if isinstance(event, dict) else None,
         "rejected": list(rejected),
     }
-    if raw is not None and event is None:
-        record["raw"] = raw.decode("utf-8", "replace")
+    if raw is not None and (event is None or not encodable([event])):  # one level down, as in the record
+        record["raw"] = raw.decode("utf-8", "replace")  # what orjson cannot write again is kept as read
     else:
         record["event"] = event
     return record
@@ -56,7 +57,7 @@ def rejected_input(record: Record, outcome: Outcome) -> dict[str, Any]:
         stage="decode" if record.error else "map",
         rejected=[r.to_dict() for r in outcome.rejected],
         event=record.event,
-        raw=record.raw if record.error else None,
+        raw=record.raw,
         origin=record.origin,
         line=record.line,
     )

@@ -8,11 +8,12 @@ never skipped: it cannot be told apart from other data.
 
 from __future__ import annotations
 
-import os
 import secrets
 import select
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,18 +34,29 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .cli_options import delivery_tuning, rules_option
+from .cli_options import (
+    EXIT_INPUT_SKIPPED,
+    api_key_or_exit,
+    delivery_tuning,
+    input_limits,
+    limits_from,
+    report_fault,
+    rules_option,
+)
 from .dead_letters import rejected_input
 from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
 from .errors import EngineError
+from .limits import InputLimits
 from .retry import RetryPolicy
 from .sandbox import Sandbox
 from .source import (
     STDIN,
     Checkpoint,
     InputError,
+    OnFault,
     Record,
+    SourceFault,
     decode_line,
     expand_sources,
     read_source,
@@ -57,6 +69,10 @@ _CHUNK_RECORDS = 500
 """Input events committed to the spool together (with their checkpoint)."""
 _CHUNK_SECONDS = 0.05
 """Longest time an input event waits before its chunk is committed."""
+UNANSWERED_LIMIT = 30.0
+"""Seconds after which a run whose endpoint never answered stops (sooner with a shorter --max-retry-time)."""
+EXIT_TERMINATED = 143
+"""Exit status after SIGTERM (128 + 15), as a shell reports a process ended by it."""
 
 _NO_TARGET = (
     "run delivers to Topsort, so it needs an endpoint (--endpoint or TOPSORT_ENDPOINT) and an API"
@@ -79,6 +95,7 @@ class _Target:
     max_latency: float
     max_retry_time: float
     timeout: float
+    limits: InputLimits
 
 
 @dataclass(slots=True)
@@ -93,6 +110,10 @@ class _Input:
     """Bytes left to read, when known."""
 
 
+_Inputs = Callable[[Spool, InputLimits, OnFault], list[_Input]]
+"""Opens the inputs of a run: given the spool (for checkpoints), the limits and where faults go."""
+
+
 def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         rules_option,
@@ -104,6 +125,7 @@ def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      default=Path("segment-topsort.spool"), show_default=True,
                      help="SQLite file holding events between mapping and delivery, and how far each file was read."),
         delivery_tuning,
+        input_limits,
     ]
     for option in reversed(options):
         command = option(command)
@@ -137,8 +159,8 @@ def run_command(
         raise click.UsageError(str(exc)) from None
     names = list({name if name == STDIN else str(Path(name).resolve()): name for name in sources}.values())
 
-    def inputs(spool: Spool) -> list[_Input]:
-        return [_open_input(name, spool) for name in names]
+    def inputs(spool: Spool, limits: InputLimits, on_fault: OnFault) -> list[_Input]:
+        return [_open_input(name, spool, limits, on_fault) for name in names]
 
     if not use_sandbox:
         _deliver("run", engine, _target(dead_letters=dead_letters, **settings), inputs)
@@ -178,13 +200,16 @@ def replay_command(
         raise click.UsageError("--dead-letters must not be the file being replayed")
     target = _target(dead_letters=dead_letters, **settings)
     engine = _engine(rule_dirs)
-    _deliver("replay", engine, target, lambda spool: [_open_replay(dead_letter_file, spool)])
+    _deliver("replay", engine, target,
+             lambda spool, limits, on_fault: [_open_replay(dead_letter_file, spool, limits, on_fault)])
 
 
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _deliver(title: str, engine: Engine, target: _Target, inputs: Callable[[Spool], list[_Input]]) -> None:
+def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> None:
+    """Read, map, spool and deliver; print the summary. Exits 1 when delivery cannot go on,
+    143 after SIGTERM, 3 when some input could not be read (see the README's exit statuses)."""
     try:
         spool = Spool(target.spool)
     except EngineError as exc:
@@ -200,9 +225,13 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: Callable[[Spoo
             max_in_flight=target.max_in_flight,
             max_latency=target.max_latency,
             timeout=target.timeout,
-            policy=RetryPolicy(max_elapsed=target.max_retry_time),
+            policy=RetryPolicy(
+                max_elapsed=target.max_retry_time, unanswered_limit=min(UNANSWERED_LIMIT, target.max_retry_time)
+            ),
         )
         failure: EngineError | OSError | None = None
+        terminated = False
+        previous = _on_sigterm(_terminate)
         try:
             with _progress(ingest, dispatcher) as show:
 
@@ -211,16 +240,41 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: Callable[[Spoo
                     exported += spool.export_dead_letters(target.dead_letters)
                     show()
 
-                dispatcher.run(ingest.chunks(inputs(spool)), tick)
+                dispatcher.run(ingest.chunks(inputs(spool, target.limits, ingest.fault)), tick)
         except (DeliveryError, OSError) as exc:
             failure = exc
+        except _Terminated:
+            terminated = True
         finally:
+            _on_sigterm(previous)
             exported += spool.export_dead_letters(target.dead_letters)
             stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported))
             if exported:
                 stderr.print(f"Dead letters: {target.dead_letters} (send them again with `segment-topsort replay`)")
+    if terminated:
+        stderr.print("Stopped by SIGTERM: requests in flight were answered; the rest waits in the spool for the next run.")
+        sys.exit(EXIT_TERMINATED)
     if failure:
         raise click.ClickException(str(failure))
+    if ingest.tally.faults:
+        sys.exit(EXIT_INPUT_SKIPPED)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: raised in the main thread, where delivery then stops as for Ctrl-C."""
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM and return the one it replaces (only the main thread may; a
+    handler that was not set from Python is None and stays)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _terminate(_signum: int, _frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated
 
 
 class _Ingest:
@@ -236,6 +290,10 @@ class _Ingest:
         self.bytes = 0
         self.todo: int | None = 0
         """Bytes to read, when known (not for standard input)."""
+
+    def fault(self, fault: SourceFault) -> None:
+        """Report and count a source that could not be read to its end (on the reader thread)."""
+        report_fault(stderr, self.tally, fault)
 
     def chunks(self, inputs: Iterable[_Input]) -> Iterator[Chunk]:
         """Chunks of mapped input, each with the checkpoint reached in its source."""
@@ -268,19 +326,21 @@ class _Ingest:
 # -- inputs ----------------------------------------------------------------------------------------
 
 
-def _open_input(name: str, spool: Spool) -> _Input:
+def _open_input(name: str, spool: Spool, limits: InputLimits, on_fault: OnFault) -> _Input:
     if name == STDIN:
-        return _Input(name, None, read_source(name), _stdin_at_hand, None)
+        return _Input(name, None, read_source(name, limits=limits, on_fault=on_fault), _stdin_at_hand, None)
     key = str(Path(name).resolve())
     start = spool.checkpoint(key)
-    return _Input(name, key, read_source(name, start), lambda: True, _todo(name, start))
+    records = read_source(name, start, limits=limits, on_fault=on_fault)
+    return _Input(name, key, records, lambda: True, _todo(name, start))
 
 
-def _open_replay(path: Path, spool: Spool) -> _Input:
+def _open_replay(path: Path, spool: Spool, limits: InputLimits, on_fault: OnFault) -> _Input:
     stat = path.stat()
     key = f"replay:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     start = spool.checkpoint(key)
-    return _Input(str(path), key, _revived(read_source(str(path), start)), lambda: True, _todo(str(path), start))
+    records = _revived(read_source(str(path), start, limits=limits, on_fault=on_fault))
+    return _Input(str(path), key, records, lambda: True, _todo(str(path), start))
 
 
 def _todo(name: str, start: Checkpoint | None) -> int | None:
@@ -320,18 +380,13 @@ def _target(
     *, endpoint: str | None, api_key_file: Path | None, spool_path: Path, dead_letters: Path,
     api_key: str | None = None, **tuning: Any,
 ) -> _Target:
-    if not api_key and api_key_file:
-        try:
-            api_key = api_key_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.UsageError(f"cannot read the API key from {api_key_file}: {exc}") from None
-    elif not api_key:
-        api_key = os.environ.get("TOPSORT_API_KEY", "").strip()
-    if not endpoint or not api_key:
+    api_key = api_key or api_key_or_exit(api_key_file, _NO_TARGET)
+    if not endpoint:
         raise click.UsageError(_NO_TARGET)
     if not endpoint.startswith(("http://", "https://")):
         raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
-    return _Target(endpoint, api_key, spool_path, dead_letters, **tuning)
+    limits = limits_from(tuning)
+    return _Target(endpoint, api_key, spool_path, dead_letters, limits=limits, **tuning)
 
 
 def _engine(rule_dirs: tuple[Path, ...]) -> Engine:

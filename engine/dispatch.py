@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from .api_key import scrub
 from .batching import Batcher
 from .errors import EngineError
 from .outcome import KINDS
@@ -63,6 +64,10 @@ class AuthenticationError(DeliveryError):
 
 class EndpointError(DeliveryError):
     """The endpoint does not serve Topsort's events API (404/405)."""
+
+
+class UnreachableError(DeliveryError):
+    """The endpoint never answered (see :attr:`RetryPolicy.unanswered_limit`)."""
 
 
 @dataclass(slots=True)
@@ -163,6 +168,8 @@ class Dispatcher:
         self._delivered: list[Spooled] = []
         self._failed: list[tuple[Spooled, dict[str, Any]]] = []
         self._fatal: BaseException | None = None
+        self._first_sent: float | None = None
+        self._answered = False
 
     def run(self, chunks: Iterable[Chunk] = (), tick: Callable[[], None] | None = None) -> DeliveryStats:
         """Spool ``chunks`` (read on a thread of their own) and deliver until nothing is left.
@@ -303,6 +310,9 @@ class Dispatcher:
             self._inbox.put(("fatal", exc))
         except _Stopped:
             pass
+        except Exception as exc:  # noqa: BLE001 - e.g. a value httpx cannot send: stop, keep the events
+            detail = scrub(f"{type(exc).__name__}: {exc}", self._api_key)
+            self._inbox.put(("fatal", DeliveryError(f"delivery failed ({detail}); events stay in the spool")))
         finally:
             self._inbox.put(("done", outcome))
 
@@ -345,11 +355,14 @@ class Dispatcher:
         while True:
             self._sleep(self._paused_until - clock.monotonic())
             outcome.requests += 1
+            if self._first_sent is None:
+                self._first_sent = time.monotonic()
             try:
                 response = client.post(self.url, content=body)
-            except httpx.TransportError as exc:
-                problem, hint = _transport_problem(exc), None
+            except httpx.TransportError as exc:  # its text may quote a header: never the key
+                problem, hint = scrub(_transport_problem(exc), self._api_key), None
             else:
+                self._answered = True
                 status = response.status_code
                 if status < 300:
                     return None
@@ -363,11 +376,24 @@ class Dispatcher:
             delay = self._policy.delay(attempt, hint)
             elapsed = clock.monotonic() - started
             attempt += 1
+            self._raise_if_unanswered(elapsed + delay, problem)
             if elapsed + delay > self._policy.max_elapsed:
                 reason = f"undeliverable after {attempt} attempt(s) in {elapsed:.1f} s: {problem}"
                 return _Refusal(reason, None, bisect=False)
             outcome.retries += 1
             self._sleep(delay)
+
+    def _raise_if_unanswered(self, next_try: float, problem: str) -> None:
+        """Stop when nothing ever answered within the policy's limit (or before giving up)."""
+        limit = self._policy.unanswered_limit
+        if limit is None or self._answered or self._first_sent is None:
+            return
+        waited = time.monotonic() - self._first_sent
+        if waited >= limit or next_try > self._policy.max_elapsed:
+            raise UnreachableError(
+                f"{self.url} has not answered once in {waited:.0f} s ({problem}): check --endpoint and the"
+                " network; the events stay in the spool for the next run"
+            )
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.is_set() or (seconds > 0 and self._clock.wait(self._stop, seconds)):

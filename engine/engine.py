@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .loader import RuleSet, load_rules
-from .outcome import Emitted, Outcome, Rejection
+from .outcome import Emitted, Outcome, Rejection, failure_rejection
 from .paths import BUNDLED_RULES
 from .routing import Router
 from .rules import Rule
@@ -32,16 +32,26 @@ class Engine:
         return cls(load_rules(folders or (BUNDLED_RULES,)))
 
     def process(self, event: Any) -> Outcome:
-        """The outcome of one decoded Segment event: emitted, rejected, or skipped."""
+        """The outcome of one decoded Segment event: emitted, rejected, or skipped.
+
+        Total: whatever goes wrong for this event (a value no rule or validator can take, too
+        deep, too large) becomes its rejection, naming the rule at work; it never raises. Every
+        emitted event is valid against the Topsort schema, whose integers are bounded to what
+        JSON encoders write, so it can be encoded.
+        """
         if not isinstance(event, dict):
             reason = f"a Segment event is a JSON object, not {type(event).__name__}"
             return Outcome(None, rejected=(Rejection(None, "$", reason),))
         message_id = event.get("messageId")
         emitted: list[Emitted] = []
         rejected: list[Rejection] = []
-        for rule in self._router.route(event):
-            if rule.wants(event):
-                rule.apply(event, emitted, rejected)
+        rule: Rule | None = None
+        try:  # free in CPython 3.11+ until something raises
+            for rule in self._router.route(event):
+                if rule.wants(event):
+                    rule.apply(event, emitted, rejected)
+        except Exception as exc:  # noqa: BLE001 - the boundary: one event's failure is its rejection
+            rejected.append(failure_rejection(rule.name if rule else None, exc))
         return Outcome(
             message_id if isinstance(message_id, str) else None, tuple(emitted), tuple(rejected)
         )

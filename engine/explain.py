@@ -7,7 +7,7 @@ from typing import Any
 
 from .engine import Engine
 from .fields import FieldError
-from .outcome import Emitted, Rejection
+from .outcome import Emitted, Rejection, failure_rejection
 from .rules import Output, Rule
 
 
@@ -40,7 +40,15 @@ def explain(engine: Engine, event: Any) -> list[RuleExplanation]:
     """One explanation per rule of ``engine``, in rule order, disabled rules included."""
     if not isinstance(event, dict):
         return []
-    return [_explain_rule(rule, event) for rule in engine.rules.rules]
+    return [_explain_safely(rule, event) for rule in engine.rules.rules]
+
+
+def _explain_safely(rule: Rule, event: dict[str, Any]) -> RuleExplanation:
+    """The explanation of one rule; where mapping raises, the rejection :meth:`Engine.process` makes."""
+    try:
+        return _explain_rule(rule, event)
+    except Exception as exc:  # noqa: BLE001 - the same boundary as Engine.process
+        return RuleExplanation(rule, True, "matched", rejected=[failure_rejection(rule.name, exc)])
 
 
 def _explain_rule(rule: Rule, event: dict[str, Any]) -> RuleExplanation:

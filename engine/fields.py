@@ -100,7 +100,8 @@ def compile_expression_at(text: str, ypath: Path_, field: str, report: Report) -
         compiled = compile_expression(text)
     except ExpressionSyntaxError as exc:
         position = getattr(exc, "lex_position", None)
-        report(ypath, f"invalid JMESPath {text!r}: {_syntax_reason(exc)}", field=field, offset=position)
+        shown = repr(text) if len(text) <= 120 else f"{text[:100]!r}… ({len(text):,} characters)"
+        report(ypath, f"invalid JMESPath {shown}: {_syntax_reason(exc)}", field=field, offset=position)
         return _nothing
     for problem in function_problems(text):
         report(ypath, f"in {text!r}: {problem}", field=field)

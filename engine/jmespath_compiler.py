@@ -58,6 +58,7 @@ def compile_expression(expression: str, functions: jmespath.functions.Functions)
     return _Compiler(functions).compile(Parser().parse(expression).parsed)
 
 
+
 def resolve_function(
     name: str, count: int, functions: jmespath.functions.Functions
 ) -> Callable[..., Any] | None:

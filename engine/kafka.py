@@ -22,7 +22,7 @@ import click
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from rich.console import Console
 
-from .cli_options import delivery_tuning, rules_option
+from .cli_options import api_key_or_exit, delivery_tuning, rules_option
 from .dispatch import DeliveryError, Dispatcher
 from .engine import Engine
 from .errors import EngineError
@@ -118,9 +118,7 @@ def consume_command(
     The Topsort key comes from TOPSORT_API_KEY. Offsets are committed once the events up to them
     are delivered or dead-lettered (at least once; Topsort deduplicates by event id).
     """
-    api_key = os.environ.get("TOPSORT_API_KEY", "").strip()
-    if not api_key:
-        raise click.UsageError("consume needs the Topsort API key in TOPSORT_API_KEY")
+    api_key = api_key_or_exit(None, "consume needs the Topsort API key in TOPSORT_API_KEY")
     if not endpoint.startswith(("http://", "https://")):
         raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
     settings = _settings_or_usage_error(config_file, bootstrap_servers)

@@ -39,6 +39,19 @@ class Rejection(NamedTuple):
         return {"rule": self.rule, "path": self.path, "reason": self.reason, "item": self.item}
 
 
+def failure_rejection(rule: str | None, exc: BaseException) -> Rejection:
+    """The rejection of an event whose mapping raised ``exc`` (a value beyond what the
+    libraries take: nested too deep, a number too large), in one short sentence."""
+    if isinstance(exc, RecursionError) or "recursion" in str(exc).lower():
+        why = "nested too deeply to map"
+    elif isinstance(exc, MemoryError):
+        why = "too large to map in memory"
+    else:
+        detail = str(exc)
+        why = f"cannot be mapped: {type(exc).__name__}" + (f": {detail[:200]}" if detail else "")
+    return Rejection(rule, "$", why)
+
+
 class Outcome(NamedTuple):
     """The one outcome of one input event. It is *skipped* when no rule wanted it."""
 

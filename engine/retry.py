@@ -69,11 +69,16 @@ class RetryPolicy:
     Attempt ``n`` (0-based) waits a random time in ``[0, min(cap, base * 2**n)]`` unless the
     server named a delay, which is then honoured as given. Once the next wait would end past
     ``max_elapsed`` seconds after the first attempt, the request is given up.
+
+    ``unanswered_limit``, when set: if the endpoint has not answered a single request that many
+    seconds after the first one was sent (or when a request would be given up before then),
+    delivery stops instead of giving events up: the address is wrong or down, not the events.
     """
 
     base: float = 0.2
     cap: float = 20.0
     max_elapsed: float = 120.0
+    unanswered_limit: float | None = None
     rng: random.Random = field(default_factory=random.Random, compare=False)
 
     def delay(self, attempt: int, hint: float | None = None) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import os
 import random
 import threading
 from collections import Counter
@@ -47,6 +46,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .cli_options import api_key_or_exit
 from .http_server import ServerStartError, listen, start_in_thread
 from .outcome import KINDS
 from .paths import TOPSORT_SCHEMA
@@ -525,9 +525,7 @@ def sandbox_command(
     **fault_settings: Any,
 ) -> None:
     """Serve a local stand-in for Topsort's POST /v2/events, with optional fault injection."""
-    api_key = api_key_file.read_text().strip() if api_key_file else os.environ.get("TOPSORT_API_KEY", "").strip()
-    if not api_key:
-        raise click.UsageError("no API key: set TOPSORT_API_KEY or pass --api-key-file")
+    api_key = api_key_or_exit(api_key_file, "no API key: set TOPSORT_API_KEY or pass --api-key-file")
     try:
         faults = Faults(**fault_settings)
         sandbox = Sandbox(

@@ -8,6 +8,7 @@ from collections import Counter
 from rich.table import Table
 
 from .outcome import KINDS, Outcome
+from .source import SourceFault
 
 
 class Tally:
@@ -17,6 +18,8 @@ class Tally:
         self.events = Counter[str]()
         self.emitted = Counter[str]()
         self.reasons = Counter[tuple[str, str]]()
+        self.faults: list[SourceFault] = []
+        """Sources (or their rest) that could not be read."""
         self.started = time.perf_counter()
 
     @property
@@ -26,10 +29,16 @@ class Tally:
     def add(self, outcome: Outcome) -> None:
         self.events[outcome.verdict] += 1
         for rejection in outcome.rejected:
-            reason = rejection.reason.split(": ")[-1] if rejection.rule is not None else "not valid JSON"
+            parts = rejection.reason.split(": ")
+            # an input's own problem reads "origin:line: what: detail"; a rule's "…: why"
+            reason = parts[-1] if rejection.rule is not None else parts[min(1, len(parts) - 1)]
             self.reasons[(rejection.rule or "(input)", f"{rejection.path} {reason}")] += 1
         for emitted in outcome.emitted:
             self.emitted[emitted.kind] += 1
+
+    def fault(self, fault: SourceFault) -> None:
+        """Count a source that could not be read to its end."""
+        self.faults.append(fault)
 
     def table(self, title: str = "Outcomes", extra: dict[str, int] | None = None, top: int = 10) -> Table:
         """The summary: events by outcome, Topsort events by kind, the commonest rejection reasons."""
@@ -38,6 +47,8 @@ class Tally:
         table.add_column(style="bold")
         table.add_column(justify="right")
         table.add_row("events read", f"{self.read:,}")
+        if self.faults:
+            table.add_row("files not read to their end", f"{len(self.faults):,}")
         for outcome in ("emitted", "partly rejected", "rejected", "skipped"):
             table.add_row(f"  {outcome}", f"{self.events[outcome]:,}")
         for kind in KINDS:

@@ -17,6 +17,7 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
+from .limits import INTEGER_RANGE
 from .outcome import KINDS, Kind
 from .paths import TOPSORT_SCHEMA
 
@@ -71,7 +72,7 @@ class TopsortSchema:
     """Validators and field trees for each Topsort kind, and for a whole request body."""
 
     def __init__(self, path: Path = TOPSORT_SCHEMA) -> None:
-        self.document: dict[str, Any] = orjson.loads(Path(path).read_bytes())
+        self.document: dict[str, Any] = _bounded_numbers(orjson.loads(Path(path).read_bytes()))
         self.path = path
         defs = self.document["$defs"]
         self._nodes = {kind: _node(defs[_DEFINITION[kind]], defs) for kind in KINDS}
@@ -151,6 +152,21 @@ class TopsortSchema:
 def topsort_schema() -> TopsortSchema:
     """The bundled Topsort schema, loaded on first use."""
     return TopsortSchema()
+
+
+def _bounded_numbers(schema: Any) -> Any:
+    """The schema with every number bounded to :data:`~engine.limits.INTEGER_RANGE` where it
+    names no bound itself: validation then refuses, with the bound, what no encoder writes."""
+    if isinstance(schema, dict):
+        schema = {key: _bounded_numbers(value) for key, value in schema.items()}
+        types = schema.get("type", ())
+        if {"integer", "number"} & set([types] if isinstance(types, str) else types):
+            schema.setdefault("maximum", INTEGER_RANGE[1])
+            if "exclusiveMinimum" not in schema:
+                schema.setdefault("minimum", INTEGER_RANGE[0])
+    elif isinstance(schema, list):
+        schema = [_bounded_numbers(value) for value in schema]
+    return schema
 
 
 def _node(written: Mapping[str, Any], defs: Mapping[str, Any]) -> SchemaNode:

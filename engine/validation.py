@@ -63,7 +63,7 @@ class OutputValidator:
 
 def _problem(error: Any, item: int | None = None, within: str | None = None) -> Problem:
     path = list(error.instance_path)
-    reason = topsort_schema().reason(error)
+    reason = _shortened(topsort_schema().reason(error))
     missing = _missing_property(error)
     if missing is not None:
         path.append(missing)
@@ -71,6 +71,13 @@ def _problem(error: Any, item: int | None = None, within: str | None = None) -> 
     if within is not None:
         reason = f"item {item} of {within}: {reason}"
     return json_path(path), reason, item
+
+
+def _shortened(message: str, keep: int = 120) -> str:
+    """A message quoting a huge value (a 5 000-digit string) cut in its middle, ends kept."""
+    if len(message) <= 2 * keep + 20:
+        return message
+    return f"{message[:keep]}… ({len(message) - 2 * keep:,} characters left out) …{message[-keep:]}"
 
 
 def _lookup(output: dict[str, Any], path: tuple[str, ...]) -> Any:

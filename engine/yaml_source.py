@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from .limits import MAX_YAML_DEPTH, MAX_YAML_VALUES
+
 Path_ = tuple[str | int, ...]
 
 
@@ -68,8 +70,10 @@ def _load(path: str, text: str, loader_class: Any) -> YamlDocument:
     try:
         node = loader.get_single_node()
         if node is not None:
+            _check_expansion(node)
             _walk(node, (), doc)  # before construction, which flattens merge keys (<<) in place
             doc.data = loader.construct_document(node)
+            _check_text(doc)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = Position(mark.line + 1, mark.column + 1) if mark else None
@@ -80,6 +84,55 @@ def _load(path: str, text: str, loader_class: Any) -> YamlDocument:
     finally:
         loader.dispose()
     return doc
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand beyond :data:`MAX_YAML_VALUES` values (an alias
+    bomb) or nests deeper than :data:`MAX_YAML_DEPTH` (recursive aliases do): each at the node
+    where it happens, before anything walks the expanded tree."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool, int]] = [(root, False, 1)]
+    while stack:
+        node, children_done, depth = stack.pop()
+        if not children_done:
+            if id(node) in sizes:
+                continue
+            if depth > MAX_YAML_DEPTH:
+                raise YamlSyntaxError(f"nested more than {MAX_YAML_DEPTH} levels deep", _at(node))
+            stack.append((node, True, depth))
+            stack.extend((child, False, depth + 1) for child in _children(node) if id(child) not in sizes)
+            continue
+        size = 1 + sum(sizes[id(child)] for child in _children(node))
+        if size > MAX_YAML_VALUES:
+            raise YamlSyntaxError(
+                f"aliases expand to more than {MAX_YAML_VALUES:,} values here (an alias bomb?)", _at(node)
+            )
+        sizes[id(node)] = size
+
+
+def _check_text(doc: YamlDocument) -> None:
+    """Refuse a string JSON cannot carry (a lone surrogate, ``"\\ud800"``): no output could be sent."""
+    stack: list[tuple[Path_, Any]] = [((), doc.data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise YamlSyntaxError("a string holds a lone surrogate, which JSON cannot carry",
+                                      doc.position(path)) from None
+        elif isinstance(value, dict):
+            stack.extend(((*path, key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, index), item) for index, item in enumerate(value))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _at(node: yaml.Node) -> Position:
