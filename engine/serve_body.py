@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
+from .limits import MAX_DEPTH, too_deep
 from .serve_settings import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 
 _PIECE = 64 * 1024
@@ -116,7 +117,9 @@ class _Inflater:
 
 
 def parse(body: bytes) -> Any:
-    """The JSON value of a body, or 400."""
+    """The JSON value of a body, or 400 (also for one nested deeper than events may be)."""
+    if too_deep(body):
+        raise Refused(400, "too_deep", f"the body nests deeper than {MAX_DEPTH} levels, as no input may")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:

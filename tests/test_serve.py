@@ -31,6 +31,7 @@ import pytest
 from engine import Engine
 from engine.dead_letters import read_dead_letters
 from engine.dispatch import AuthenticationError
+from engine.limits import MAX_DEPTH
 from engine.retry import RetryPolicy
 from engine.sandbox import Faults, Sandbox
 from engine.serve import MAX_REQUEST_EVENTS, Server, ServeSettings
@@ -857,3 +858,18 @@ def test_a_client_that_goes_away_logs_no_traceback(serving, sandbox: Sandbox, ca
         assert httpx.post(server.url + "/webhook", json=view("v-1")).status_code == 200
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert arrived(sandbox) == Counter({"v-1": 1})
+
+
+def test_a_body_nested_deeper_than_any_input_may_be_is_refused_400(serving, sandbox: Sandbox) -> None:
+    deep = {"type": "track", "event": "Order Completed", "messageId": "deep-1", "anonymousId": "a",
+            "timestamp": "2026-11-27T10:00:00Z", "context": {"page": {}}, "properties": {}}
+    url: Any = 1
+    for _ in range(MAX_DEPTH):
+        url = [url]
+    deep["context"]["page"]["url"] = url
+    with serving() as server, httpx.Client(base_url=server.url) as client:
+        answers = [client.post("/webhook", json=deep), client.post("/v1/batch", json={"batch": [deep]})]
+        fine = client.post("/webhook", json={**deep, "context": {}, "messageId": "shallow-1"})
+    assert [(a.status_code, a.json()["error"]) for a in answers] == [(400, "too_deep")] * 2
+    assert str(MAX_DEPTH) in answers[0].json()["reason"]
+    assert fine.status_code == 200
