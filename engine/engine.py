@@ -46,12 +46,15 @@ class Engine:
         emitted: list[Emitted] = []
         rejected: list[Rejection] = []
         rule: Rule | None = None
-        try:  # free in CPython 3.11+ until something raises
-            for rule in self._router.route(event):
-                if rule.wants(event):
-                    rule.apply(event, emitted, rejected)
-        except Exception as exc:  # noqa: BLE001 - the boundary: one event's failure is its rejection
-            rejected.append(failure_rejection(rule.name if rule else None, exc))
+        rules = iter(self._router.route(event))
+        while True:  # a rule that fails is that rule's rejection; the rules after it still run
+            try:  # free in CPython 3.11+ until something raises
+                for rule in rules:
+                    if rule.wants(event):
+                        rule.apply(event, emitted, rejected)
+                break
+            except Exception as exc:  # noqa: BLE001 - the boundary: one event's failure is its rejection
+                rejected.append(failure_rejection(rule.name if rule else None, exc))
         return Outcome(
             message_id if isinstance(message_id, str) else None, tuple(emitted), tuple(rejected)
         )

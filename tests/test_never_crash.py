@@ -337,3 +337,30 @@ def test_a_rule_whose_outputs_json_cannot_carry_is_refused_at_load(tmp_path: Pat
     done = run_cli("check", str(tmp_path))
     assert b"text.yaml:6:12: error: rule 'text' field 'id'" in done.stderr
     assert b"a literal holds text JSON cannot carry" in done.stderr
+
+
+def test_a_rule_that_fails_is_its_own_rejection_and_the_rules_after_it_still_run(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("""
+rules:
+  - name: first
+    when: {type: page}
+    emit: pageviews
+    fields: {id: messageId, occurredAt: timestamp, opaqueUserId: anonymousId, page: {const: {type: home, pageId: h}}}
+  - name: second
+    when: {type: page}
+    emit: pageviews
+    fields: {id: "concat(messageId, '-2')", occurredAt: timestamp, opaqueUserId: anonymousId,
+             page: {const: {type: home, pageId: h}}}
+""")
+    engine = Engine.from_folders(rules)
+
+    def broken(*_: Any) -> None:
+        raise ValueError("a fault inside the first rule")
+
+    object.__setattr__(engine.rule("first"), "apply", broken)
+    outcome = engine.process({"type": "page", "messageId": "p-1", "timestamp": "2026-11-27T10:00:00Z",
+                              "anonymousId": "a"})
+    assert [(r.rule, r.path) for r in outcome.rejected] == [("first", "$")]
+    assert "ValueError: a fault inside the first rule" in outcome.rejected[0].reason
+    assert [(e.rule, e.event["id"]) for e in outcome.emitted] == [("second", "p-1-2")]
