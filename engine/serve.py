@@ -31,7 +31,7 @@ from typing import Any, Self
 import click
 import uvicorn
 
-from .cli_options import delivery_tuning, rules_option
+from .cli_options import api_key_or_exit, delivery_tuning, rules_option
 from .errors import EngineError, RulesInvalid
 from .http_server import ServerStartError, head_deadline_protocol, listen, start_in_thread
 from .retry import RetryPolicy
@@ -173,8 +173,9 @@ def serve_command(
     if not endpoint.startswith(("http://", "https://")):
         raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
     keys = {*write_keys, *re.split(r"[,\s]+", os.environ.get("SEGMENT_WRITE_KEYS", ""))} - {""}
+    api_key = api_key_or_exit(api_key_file, "serve needs Topsort's API key: set TOPSORT_API_KEY or pass --api-key-file")
     settings = ServeSettings(
-        endpoint=endpoint, api_key=_api_key(api_key_file), spool=spool_path, dead_letters=dead_letters,
+        endpoint=endpoint, api_key=api_key, spool=spool_path, dead_letters=dead_letters,
         rule_dirs=rule_dirs, shared_secret=os.environ.get("SEGMENT_SHARED_SECRET") or None,
         write_keys=frozenset(keys), cors_origins=frozenset(cors_origins), policy=RetryPolicy(max_elapsed=max_retry_time), **tuning,
     )
@@ -184,16 +185,3 @@ def serve_command(
         raise click.ClickException(f"{exc}\nRun `segment-topsort check` for details.") from None
     except EngineError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _api_key(api_key_file: Path | None) -> str:
-    if api_key_file:
-        try:
-            key = api_key_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise click.UsageError(f"cannot read the API key from {api_key_file}: {exc.__class__.__name__}") from None
-    else:
-        key = os.environ.get("TOPSORT_API_KEY", "").strip()
-    if not key:
-        raise click.UsageError("serve needs Topsort's API key: set TOPSORT_API_KEY or pass --api-key-file")
-    return key
