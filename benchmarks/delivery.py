@@ -24,10 +24,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.dispatch import Dispatcher  # noqa: E402
+from engine.delivery.dispatch import Dispatcher  # noqa: E402
 from engine.outcome import Emitted  # noqa: E402
-from engine.source import Record  # noqa: E402
-from engine.spool import Chunk, Spool  # noqa: E402
+from engine.ingest.files import Record  # noqa: E402
+from engine.delivery.spool import Chunk, Spool  # noqa: E402
 
 KEY = "sk_bench_0123456789"
 

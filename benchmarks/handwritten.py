@@ -1,7 +1,7 @@
 """The practical floor: the bundled rules written by hand as plain dict code.
 
 One function per preset, orjson for decoding and encoding, jsonschema-rs for validation. It
-applies the same value fitting as the engine (the coercions of :mod:`engine.coercion`), so it makes
+applies the same value fitting as the engine (the coercions of :mod:`engine.topsort.coercion`), so it makes
 the engine's outputs (see ``tests/test_benchmarks.py``) and the benchmark compares equal work.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import jsonschema_rs
 import orjson
 
-from engine.coercion import to_datetime, to_integer, to_number, to_string
-from engine.functions import to_text
+from engine.topsort.coercion import to_datetime, to_integer, to_number, to_string
+from engine.compile.functions import to_text
 from engine.outcome import KINDS
 from engine.paths import TOPSORT_SCHEMA
 

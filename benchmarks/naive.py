@@ -21,8 +21,8 @@ import jsonschema
 import yaml
 from jmespath.exceptions import JMESPathError
 
-from engine.coercion import COERCIONS
-from engine.functions import FUNCTIONS
+from engine.topsort.coercion import COERCIONS
+from engine.compile.functions import FUNCTIONS
 from engine.outcome import KINDS
 from engine.paths import BUNDLED_RULES, TOPSORT_SCHEMA
 

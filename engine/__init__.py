@@ -6,13 +6,13 @@
 >>> outcome.emitted, outcome.rejected, outcome.skipped
 """
 
-from .batching import MAX_PER_ARRAY, Batcher
+from .topsort.batching import MAX_PER_ARRAY, Batcher
 from .engine import Engine
 from .errors import EngineError, Problem, RulesInvalid
-from .loader import RuleSet, check_rules, load_rules
+from .rules.loader import RuleSet, check_rules, load_rules
 from .outcome import KINDS, Emitted, Kind, Outcome, Rejection
 from .paths import BUNDLED_RULES
-from .rules import Rule
+from .rules.rule import Rule
 
 __all__ = [
     "BUNDLED_RULES",

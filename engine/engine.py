@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .loader import RuleSet, load_rules
+from .rules.loader import RuleSet, load_rules
 from .outcome import Emitted, Outcome, Rejection, failure_rejection
 from .paths import BUNDLED_RULES
-from .routing import Router
-from .rules import Rule
-from .source import Record
+from .compile.routing import Router
+from .rules.rule import Rule
+from .ingest.files import Record
 
 
 class Engine:

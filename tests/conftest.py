@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from engine import Engine, Outcome
-from engine.sandbox import Faults, Sandbox
-from engine.topsort_schema import topsort_schema
+from engine.sandbox.server import Faults, Sandbox
+from engine.topsort.schema import topsort_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 _REFERENCE = {

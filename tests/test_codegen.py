@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import Engine
-from engine.codegen import Scope, Writer
-from engine.fields import FieldError, compile_expression_at, fragment
+from engine.compile.codegen import Scope, Writer
+from engine.compile.fields import FieldError, compile_expression_at, fragment
 
 from .conftest import CheckedEngine
 from .jmespath_outcomes import outcome

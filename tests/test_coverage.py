@@ -151,8 +151,9 @@ def test_test_without_coverage_prints_no_coverage() -> None:
 
 
 def test_memory_stays_bounded_whatever_the_names_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import Engine, coverage, diff, field_paths
-    from engine.source import Record
+    from engine import Engine
+    from engine.reports import coverage, diff, field_paths
+    from engine.ingest.files import Record
 
     monkeypatch.setattr(coverage, "MAX_ARRIVALS", 5)
     monkeypatch.setattr(field_paths, "MAX_FIELDS", 20)
@@ -185,8 +186,8 @@ def test_test_coverage_evaluates_fields_as_the_generated_code_does() -> None:
 
     from benchmarks.corpus import generate
     from engine import Engine
-    from engine.fields import FieldError
-    from engine.rule_test_coverage import rule_test_coverage
+    from engine.compile.fields import FieldError
+    from engine.rules.inline_coverage import rule_test_coverage
 
     events = list(generate(1500, seed=11))
     for rule in Engine.from_folders().rules.rules:

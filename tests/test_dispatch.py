@@ -14,14 +14,14 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.dead_letters import read_dead_letters
-from engine.dispatch import AuthenticationError, Dispatcher, EndpointError
+from engine.delivery.dead_letters import read_dead_letters
+from engine.delivery.dispatch import AuthenticationError, Dispatcher, EndpointError
 from engine.errors import EngineError
 from engine.outcome import Emitted
-from engine.retry import RetryPolicy, server_delay
-from engine.sandbox import Faults, Sandbox
-from engine.source import Record
-from engine.spool import Chunk, Spool
+from engine.delivery.retry import RetryPolicy, server_delay
+from engine.sandbox.server import Faults, Sandbox
+from engine.ingest.files import Record
+from engine.delivery.spool import Chunk, Spool
 
 KEY = "sk_test_dispatch-0123456789"
 WHEN = "2026-11-27T10:00:00Z"

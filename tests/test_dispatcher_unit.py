@@ -14,9 +14,9 @@ import httpx
 import orjson
 import pytest
 
-from engine.dispatch import AuthenticationError, Clock, Dispatcher, EndpointError
-from engine.retry import RetryPolicy
-from engine.spool import Spool
+from engine.delivery.dispatch import AuthenticationError, Clock, Dispatcher, EndpointError
+from engine.delivery.retry import RetryPolicy
+from engine.delivery.spool import Spool
 
 from .test_dispatch import _dead_letters, _impression, _purchase, _spool
 

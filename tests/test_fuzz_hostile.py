@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from engine import Engine
-from engine.dead_letters import read_dead_letters
-from engine.sandbox import Sandbox
-from engine.serve import Server, ServeSettings
+from engine.delivery.dead_letters import read_dead_letters
+from engine.sandbox.server import Sandbox
+from engine.ingest.http.server import Server, ServeSettings
 
 from .conftest import ROOT
 

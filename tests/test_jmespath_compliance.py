@@ -9,8 +9,8 @@ from typing import Any
 import jmespath
 import pytest
 
-from engine.functions import FUNCTIONS
-from engine.jmespath_compiler import compile_expression
+from engine.compile.functions import FUNCTIONS
+from engine.compile.jmespath_compiler import compile_expression
 
 from .jmespath_outcomes import outcome, typed
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.functions import FUNCTIONS, EngineFunctions
-from engine.jmespath_compiler import compile_expression
+from engine.compile.functions import FUNCTIONS, EngineFunctions
+from engine.compile.jmespath_compiler import compile_expression
 
 from .jmespath_outcomes import outcome
 

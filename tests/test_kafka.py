@@ -23,9 +23,9 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from engine import Engine
-from engine.dead_letters import dead_letter
-from engine.dispatch import Dispatcher
-from engine.kafka_settings import (
+from engine.delivery.dead_letters import dead_letter
+from engine.delivery.dispatch import Dispatcher
+from engine.ingest.kafka.settings import (
     CONSUMER_ONLY,
     PRODUCER_ONLY,
     KafkaSetupError,
@@ -34,11 +34,11 @@ from engine.kafka_settings import (
     message_key,
     producer_settings,
 )
-from engine.kafka_worker import KafkaWorker, Offsets, Partition
+from engine.ingest.kafka.worker import KafkaWorker, Offsets, Partition
 from engine.outcome import Emitted
-from engine.sandbox import Faults, Sandbox
-from engine.source import Record
-from engine.spool import Chunk, Spool, Spooled
+from engine.sandbox.server import Faults, Sandbox
+from engine.ingest.files import Record
+from engine.delivery.spool import Chunk, Spool, Spooled
 
 from .conftest import ROOT
 

@@ -25,14 +25,14 @@ import pytest
 from click.testing import CliRunner
 
 from engine import Engine
-from engine.cli import main
-from engine.dead_letters import read_dead_letters
-from engine.dispatch import Dispatcher
+from engine.cli.main import main
+from engine.delivery.dead_letters import read_dead_letters
+from engine.delivery.dispatch import Dispatcher
 
-from engine.retry import RetryPolicy
-from engine.sandbox import Faults, Sandbox
-from engine.source import Record
-from engine.spool import Chunk, Spool
+from engine.delivery.retry import RetryPolicy
+from engine.sandbox.server import Faults, Sandbox
+from engine.ingest.files import Record
+from engine.delivery.spool import Chunk, Spool
 
 from .conftest import ROOT, run_cli
 

@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from benchmarks.corpus import generate
 from engine import Batcher, Engine, Outcome, check_rules
 from engine.paths import BUNDLED_RULES
-from engine.rule_tests import run_rule_tests
-from engine.sandbox import Sandbox
+from engine.rules.inline_tests import run_rule_tests
+from engine.sandbox.server import Sandbox
 
 from .conftest import ROOT, CheckedEngine
 

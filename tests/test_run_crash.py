@@ -16,10 +16,10 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import main
-from engine.dead_letters import read_dead_letters
-from engine.sandbox import Faults, Sandbox
-from engine.spool import Spool
+from engine.cli.main import main
+from engine.delivery.dead_letters import read_dead_letters
+from engine.sandbox.server import Faults, Sandbox
+from engine.delivery.spool import Spool
 
 KEY = "sk_test_run-crash-0123456789"
 ROOT = Path(__file__).resolve().parents[1]

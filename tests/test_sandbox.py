@@ -13,7 +13,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from engine.sandbox import Faults, Sandbox, sandbox_command
+from engine.sandbox.server import Faults, Sandbox, sandbox_command
 
 KEY = "sk_test_sandbox-secret-0123456789"
 

@@ -29,13 +29,13 @@ import orjson
 import pytest
 
 from engine import Engine
-from engine.dead_letters import read_dead_letters
-from engine.dispatch import AuthenticationError
+from engine.delivery.dead_letters import read_dead_letters
+from engine.delivery.dispatch import AuthenticationError
 from engine.limits import MAX_DEPTH
-from engine.retry import RetryPolicy
-from engine.sandbox import Faults, Sandbox
-from engine.serve import MAX_REQUEST_EVENTS, Server, ServeSettings
-from engine.spool import Spool
+from engine.delivery.retry import RetryPolicy
+from engine.sandbox.server import Faults, Sandbox
+from engine.ingest.http.server import MAX_REQUEST_EVENTS, Server, ServeSettings
+from engine.delivery.spool import Spool
 
 from .conftest import ROOT
 
@@ -596,7 +596,7 @@ def test_dedupe_window_survives_a_restart(serving, sandbox: Sandbox) -> None:
 
 
 def test_the_stored_window_keeps_the_latest_ids(tmp_path: Path) -> None:
-    from engine.spool import Chunk
+    from engine.delivery.spool import Chunk
 
     with Spool(tmp_path / "s.spool") as spool:
         spool.commit(Chunk(seen=[("old", 100.0), ("a", 200.0), ("b", 300.0), ("c", 400.0)]))

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.source import InputError, expand_sources, read_records, read_source
+from engine.ingest.files import InputError, expand_sources, read_records, read_source
 
 from .conftest import ndjson, run_cli
 

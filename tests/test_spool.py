@@ -9,10 +9,10 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.dead_letters import read_dead_letters
+from engine.delivery.dead_letters import read_dead_letters
 from engine.outcome import Emitted
-from engine.source import Record
-from engine.spool import Checkpoint, Chunk, Spool, SpoolError
+from engine.ingest.files import Record
+from engine.delivery.spool import Checkpoint, Chunk, Spool, SpoolError
 
 
 def _record(line: int) -> Record:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from engine.outcome import KINDS
-from engine.topsort_schema import topsort_schema
+from engine.topsort.schema import topsort_schema
 
 SCHEMA = topsort_schema()
 _CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER

@@ -1,0 +1,1 @@
+"""The segment-topsort command line: thin commands over the package."""

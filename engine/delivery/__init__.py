@@ -1,0 +1,1 @@
+"""Between mapping and Topsort: the durable spool, dispatch with retries, dead letters, the API key."""

@@ -1,0 +1,1 @@
+"""Where events come from: files and archives, HTTP (serve), Kafka."""

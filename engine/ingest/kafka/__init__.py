@@ -1,0 +1,1 @@
+"""segment-topsort consume and produce: Segment events through a Kafka topic."""

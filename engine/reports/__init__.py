@@ -1,0 +1,1 @@
+"""What rules make of traffic: summaries, diff, coverage, explain."""
