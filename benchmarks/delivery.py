@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
 from engine.outcome import Emitted  # noqa: E402
-from engine.ingest.files import Record  # noqa: E402
+from engine.record import Record  # noqa: E402
 from engine.delivery.spool import Chunk, Spool  # noqa: E402
 
 KEY = "sk_bench_0123456789"

@@ -10,7 +10,7 @@ from .outcome import Emitted, Outcome, Rejection, failure_rejection
 from .paths import BUNDLED_RULES
 from .compile.routing import Router
 from .rules.rule import Rule
-from .ingest.files import Record
+from .record import Record
 
 
 class Engine:

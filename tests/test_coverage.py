@@ -153,7 +153,7 @@ def test_test_without_coverage_prints_no_coverage() -> None:
 def test_memory_stays_bounded_whatever_the_names_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     from engine import Engine
     from engine.reports import coverage, diff, field_paths
-    from engine.ingest.files import Record
+    from engine.record import Record
 
     monkeypatch.setattr(coverage, "MAX_ARRIVALS", 5)
     monkeypatch.setattr(field_paths, "MAX_FIELDS", 20)

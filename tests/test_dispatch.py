@@ -20,7 +20,7 @@ from engine.errors import EngineError
 from engine.outcome import Emitted
 from engine.delivery.retry import RetryPolicy, server_delay
 from engine.sandbox.server import Faults, Sandbox
-from engine.ingest.files import Record
+from engine.record import Record
 from engine.delivery.spool import Chunk, Spool
 
 KEY = "sk_test_dispatch-0123456789"

@@ -37,7 +37,7 @@ from engine.ingest.kafka.settings import (
 from engine.ingest.kafka.worker import KafkaWorker, Offsets, Partition
 from engine.outcome import Emitted
 from engine.sandbox.server import Faults, Sandbox
-from engine.ingest.files import Record
+from engine.record import Record
 from engine.delivery.spool import Chunk, Spool, Spooled
 
 from .conftest import ROOT

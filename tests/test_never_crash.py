@@ -31,7 +31,7 @@ from engine.delivery.dispatch import Dispatcher
 
 from engine.delivery.retry import RetryPolicy
 from engine.sandbox.server import Faults, Sandbox
-from engine.ingest.files import Record
+from engine.record import Record
 from engine.delivery.spool import Chunk, Spool
 
 from .conftest import ROOT, run_cli

@@ -11,7 +11,7 @@ import pytest
 
 from engine.delivery.dead_letters import read_dead_letters
 from engine.outcome import Emitted
-from engine.ingest.files import Record
+from engine.record import Record
 from engine.delivery.spool import Checkpoint, Chunk, Spool, SpoolError
 
 

@@ -21,7 +21,7 @@ import orjson
 
 from ..limits import encodable
 from ..outcome import Outcome
-from ..ingest.files import Record
+from ..record import Record
 
 Stage = Literal["decode", "map", "deliver"]
 

@@ -28,7 +28,8 @@ import orjson
 from .dead_letters import DeadLetterFile, dead_letter
 from ..errors import EngineError
 from ..outcome import Emitted, Kind
-from ..ingest.files import Checkpoint, Record
+
+from ..record import Checkpoint, Record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inputs (

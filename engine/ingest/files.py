@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, NamedTuple
 import orjson
 
 from ..errors import EngineError
+from ..record import Checkpoint, Record
 from ..limits import (
     DEFAULT_LIMITS,
     GZIP_RATIO_FLOOR,
@@ -42,33 +43,6 @@ _HEAD = 256
 """Bytes at the start of a source kept in its checkpoint, to recognise it on the next run."""
 _SKIP_CHUNK = MiB
 """Bytes read at a time while skipping the rest of an over-long line."""
-
-
-class Record(NamedTuple):
-    """One input event: the decoded event, or why it could not be decoded.
-
-    ``line`` is the line of an NDJSON source, or the event's position in a JSON document.
-    """
-
-    origin: str
-    line: int
-    raw: bytes
-    event: Any = None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """How far a source was read: the offset just past the last line taken, and its number.
-
-    For a JSON document ``line`` counts the events taken. ``head`` is the source's first bytes
-    (up to a few hundred), to tell the same source, perhaps grown since, from another one put
-    in its place. Offsets of gzipped sources count decompressed bytes.
-    """
-
-    offset: int
-    line: int
-    head: bytes = b""
 
 
 class SourceFault(NamedTuple):

@@ -16,7 +16,7 @@ from typing import Any
 from ..engine import Engine
 from .field_paths import count_fields, rejection_key
 from ..outcome import Outcome
-from ..ingest.files import Record
+from ..record import Record
 
 MAX_ARRIVALS = 10_000
 """Distinct (type, event name) pairs kept; the rest are counted as OTHER."""

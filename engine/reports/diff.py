@@ -20,7 +20,7 @@ from typing import Any, Literal
 from ..engine import Engine
 from .field_paths import bounded, field_values, rejection_key
 from ..outcome import Emitted, Outcome, Rejection
-from ..ingest.files import Record
+from ..record import Record
 
 FailOn = Literal["changed", "rejected", "never"]
 ARROW = "→"

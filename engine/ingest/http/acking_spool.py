@@ -23,7 +23,7 @@ from ...outcome import Outcome
 from .dedupe import SeenIds
 from .metrics import Causes, Metrics
 from .settings import ServeError
-from ..files import Record
+from ...record import Record
 from ...delivery.spool import Chunk, Spool, Spooled
 
 log = logging.getLogger("segment_topsort.serve")

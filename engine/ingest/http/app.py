@@ -50,7 +50,7 @@ from .metrics import Causes, Metrics, RequestTally
 from .reload import RuleReloader
 from .settings import MAX_REQUEST_EVENTS, ServeError, ServeSettings
 from .tracking import batch_messages, single_message, write_key_in
-from ..files import Record
+from ...record import Record
 
 log = logging.getLogger("segment_topsort.serve")
 

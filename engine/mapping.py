@@ -1,0 +1,70 @@
+"""The map stage as the pipeline sees it: input records in, what each became out, in bytes.
+
+A :class:`Mapper` takes the records of one slice of input and gives back, in order, one
+:class:`Mapped` per record: its verdict, its Topsort events already encoded, its rejections, and
+its dead-letter record already encoded. Everything downstream of mapping (the spool, the tally,
+the dead letters, ``map``'s output) reads only ``Mapped`` values, so the same stage can run here
+(:class:`InProcessMapper`) or in worker processes that send nothing but these bytes back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+import orjson
+
+from .delivery.dead_letters import rejected_input
+from .engine import Engine
+from .outcome import Kind, Rejection
+from .record import Record
+
+
+class MappedEvent(NamedTuple):
+    """One Topsort event a rule made: ``body`` is its JSON encoding, ``id`` its ``id`` field."""
+
+    kind: Kind
+    rule: str
+    id: str
+    body: bytes
+
+
+class Mapped(NamedTuple):
+    """What one input record became (see :attr:`engine.outcome.Outcome.verdict`)."""
+
+    message_id: str | None
+    verdict: str
+    events: tuple[MappedEvent, ...]
+    rejected: tuple[Rejection, ...]
+    dead_letter: bytes | None
+    """The encoded dead-letter record (stage ``decode`` or ``map``) when anything was rejected."""
+
+
+class Mapper(Protocol):
+    """Maps slices of input; ``map`` returns one :class:`Mapped` per record, in order."""
+
+    def map(self, records: Sequence[Record]) -> list[Mapped]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessMapper:
+    """The map stage in this process: :meth:`Engine.process_record` and encoding, record by record."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def map(self, records: Sequence[Record]) -> list[Mapped]:
+        return [self._one(record) for record in records]
+
+    def close(self) -> None:
+        """Nothing to release in this process."""
+
+    def _one(self, record: Record) -> Mapped:
+        outcome = self.engine.process_record(record)
+        events = tuple(
+            MappedEvent(emitted.kind, emitted.rule, str(emitted.event["id"]), orjson.dumps(emitted.event))
+            for emitted in outcome.emitted
+        )
+        dead = orjson.dumps(rejected_input(record, outcome)) if outcome.rejected else None
+        return Mapped(outcome.message_id, outcome.verdict, events, outcome.rejected, dead)
