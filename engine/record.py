@@ -4,6 +4,7 @@ source hands to the pipeline."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 
@@ -33,3 +34,20 @@ class Checkpoint:
     offset: int
     line: int
     head: bytes = b""
+
+
+class SourceFault(NamedTuple):
+    """A source (or the rest of one) that could not be read: damaged, unreadable, a gzip bomb.
+
+    ``line`` is the last line read before the damage (0: none), None when the file never opened.
+    """
+
+    origin: str
+    line: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.origin}:{self.line}: {self.reason}" if self.line else f"{self.origin}: {self.reason}"
+
+
+OnFault = Callable[[SourceFault], None]

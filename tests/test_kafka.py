@@ -34,6 +34,7 @@ from engine.ingest.kafka.settings import (
     message_key,
     producer_settings,
 )
+from engine.mapping import InProcessMapper
 from engine.ingest.kafka.worker import KafkaWorker, Offsets, Partition
 from engine.outcome import Emitted
 from engine.sandbox.server import Faults, Sandbox
@@ -434,7 +435,7 @@ def test_one_thread_polls_commits_and_serves_callbacks_while_delivery_lags(
     sandbox.set_faults(Faults(latency=0.05), seed=2)
     settings = {"bootstrap.servers": broker, "session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
     _OneThreadCheck.calls = []
-    worker = KafkaWorker(Engine.from_folders(), settings, topic="threads", group="one-thread",
+    worker = KafkaWorker(InProcessMapper(Engine.from_folders()), settings, topic="threads", group="one-thread",
                          dead_letter_topic="threads.rejects", spool_path=tmp_path / "w.spool", drain_timeout=20,
                          consumer_type=_OneThreadCheck)
     dispatcher = Dispatcher(worker.spool, endpoint=sandbox.url, api_key=KEY, max_in_flight=1, max_latency=0.2,

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,32 +44,27 @@ from .options import (
     report_fault,
     rules_option,
 )
-from ..delivery.dead_letters import rejected_input
 from ..delivery.dispatch import DeliveryError, Dispatcher
+from ..delivery.pipeline import DeliveryTarget, MapStep, Pipeline, Source
 from ..engine import Engine
 from ..errors import EngineError
 from ..limits import InputLimits
 from ..delivery.retry import RetryPolicy
-from ..sandbox.server import Sandbox
 from ..ingest.files import (
     STDIN,
     Checkpoint,
     InputError,
     OnFault,
     Record,
-    SourceFault,
     decode_line,
     expand_sources,
     read_source,
     uncompressed_size,
 )
-from ..delivery.spool import Chunk, Spool
+from ..delivery.spool import Spool
+from ..mapping import InProcessMapper
 from ..reports.summary import Tally
 
-_CHUNK_RECORDS = 500
-"""Input events committed to the spool together (with their checkpoint)."""
-_CHUNK_SECONDS = 0.05
-"""Longest time an input event waits before its chunk is committed."""
 UNANSWERED_LIMIT = 30.0
 """Seconds after which a run whose endpoint never answered stops (sooner with a shorter --max-retry-time)."""
 EXIT_TERMINATED = 143
@@ -85,32 +81,15 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """Where and how to deliver."""
+    """Where to deliver, and the files of a run."""
 
-    endpoint: str
-    api_key: str
+    delivery: DeliveryTarget
     spool: Path
     dead_letters: Path
-    max_in_flight: int
-    max_latency: float
-    max_retry_time: float
-    timeout: float
     limits: InputLimits
 
 
-@dataclass(slots=True)
-class _Input:
-    """One input to read: records with the checkpoint after each, and whether more is at hand."""
-
-    origin: str
-    key: str | None
-    records: Iterator[tuple[Record, Checkpoint | None]]
-    at_hand: Callable[[], bool]
-    todo: int | None
-    """Bytes left to read, when known."""
-
-
-_Inputs = Callable[[Spool, InputLimits, OnFault], list[_Input]]
+_Inputs = Callable[[Spool, InputLimits, OnFault], list[Source]]
 """Opens the inputs of a run: given the spool (for checkpoints), the limits and where faults go."""
 
 
@@ -159,7 +138,7 @@ def run_command(
         raise click.UsageError(str(exc)) from None
     names = list({name if name == STDIN else str(Path(name).resolve()): name for name in sources}.values())
 
-    def inputs(spool: Spool, limits: InputLimits, on_fault: OnFault) -> list[_Input]:
+    def inputs(spool: Spool, limits: InputLimits, on_fault: OnFault) -> list[Source]:
         return [_open_input(name, spool, limits, on_fault) for name in names]
 
     if not use_sandbox:
@@ -169,6 +148,8 @@ def run_command(
         raise click.UsageError("--sandbox and --endpoint exclude each other")
     key = secrets.token_urlsafe(24)
     spool_given = click.get_current_context().get_parameter_source("spool_path") != ParameterSource.DEFAULT
+    from ..sandbox.server import Sandbox  # only a rehearsal loads the sandbox (Starlette, uvicorn)
+
     with Sandbox(api_key=key) as sandbox, tempfile.TemporaryDirectory() as scratch:
         # a rehearsal starts afresh each time, unless asked to keep a spool
         settings.update(endpoint=sandbox.url, api_key_file=None)
@@ -217,18 +198,9 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
     with spool:
         left_before = spool.unsent
         exported = spool.export_dead_letters(target.dead_letters)
-        ingest = _Ingest(engine)
-        dispatcher = Dispatcher(
-            spool,
-            endpoint=target.endpoint,
-            api_key=target.api_key,
-            max_in_flight=target.max_in_flight,
-            max_latency=target.max_latency,
-            timeout=target.timeout,
-            policy=RetryPolicy(
-                max_elapsed=target.max_retry_time, unanswered_limit=min(UNANSWERED_LIMIT, target.max_retry_time)
-            ),
-        )
+        tally = Tally()
+        ingest = Pipeline(MapStep(InProcessMapper(engine), tally.add_mapped))
+        dispatcher = target.delivery.dispatcher(spool)
         failure: EngineError | OSError | None = None
         terminated = False
         previous = _on_sigterm(_terminate)
@@ -240,7 +212,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
                     exported += spool.export_dead_letters(target.dead_letters)
                     show()
 
-                dispatcher.run(ingest.chunks(inputs(spool, target.limits, ingest.fault)), tick)
+                dispatcher.run(ingest.chunks(inputs(spool, target.limits, partial(report_fault, stderr, tally))), tick)
         except (DeliveryError, OSError) as exc:
             failure = exc
         except _Terminated:
@@ -248,7 +220,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
         finally:
             _on_sigterm(previous)
             exported += spool.export_dead_letters(target.dead_letters)
-            stderr.print(_summary(title, ingest, dispatcher, left_before, spool.unsent, exported))
+            stderr.print(_summary(title, tally, dispatcher, left_before, spool.unsent, exported))
             if exported:
                 stderr.print(f"Dead letters: {target.dead_letters} (send them again with `segment-topsort replay`)")
     if terminated:
@@ -256,7 +228,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
         sys.exit(EXIT_TERMINATED)
     if failure:
         raise click.ClickException(str(failure))
-    if ingest.tally.faults:
+    if tally.faults:
         sys.exit(EXIT_INPUT_SKIPPED)
 
 
@@ -277,70 +249,24 @@ def _terminate(_signum: int, _frame: Any) -> None:
     raise _Terminated
 
 
-class _Ingest:
-    """Reads inputs, maps each event and packs the results in chunks for the spool.
-
-    Runs on the dispatcher's reader thread; the counters are read by the main thread for progress.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.tally = Tally()
-        self.read = 0
-        self.bytes = 0
-        self.todo: int | None = 0
-        """Bytes to read, when known (not for standard input)."""
-
-    def fault(self, fault: SourceFault) -> None:
-        """Report and count a source that could not be read to its end (on the reader thread)."""
-        report_fault(stderr, self.tally, fault)
-
-    def chunks(self, inputs: Iterable[_Input]) -> Iterator[Chunk]:
-        """Chunks of mapped input, each with the checkpoint reached in its source."""
-        sources = list(inputs)
-        sizes = [source.todo for source in sources]
-        self.todo = None if None in sizes else sum(size or 0 for size in sizes)
-        for source in sources:
-            chunk, count, started = Chunk(), 0, time.monotonic()
-            for record, checkpoint in source.records:
-                self._map(chunk, record)
-                if source.key and checkpoint:
-                    chunk.checkpoint(source.key, checkpoint)
-                count += 1
-                if count >= _CHUNK_RECORDS or time.monotonic() - started >= _CHUNK_SECONDS or not source.at_hand():
-                    yield chunk
-                    chunk, count, started = Chunk(), 0, time.monotonic()
-            if count:
-                yield chunk
-
-    def _map(self, chunk: Chunk, record: Record) -> None:
-        outcome = self.engine.process_record(record)
-        self.tally.add(outcome)
-        self.read += 1
-        self.bytes += len(record.raw) + 1
-        if outcome.rejected:
-            chunk.dead_letter(rejected_input(record, outcome))
-        chunk.add(record, outcome.emitted)
-
-
 # -- inputs ----------------------------------------------------------------------------------------
 
 
-def _open_input(name: str, spool: Spool, limits: InputLimits, on_fault: OnFault) -> _Input:
+def _open_input(name: str, spool: Spool, limits: InputLimits, on_fault: OnFault) -> Source:
     if name == STDIN:
-        return _Input(name, None, read_source(name, limits=limits, on_fault=on_fault), _stdin_at_hand, None)
+        return Source(name, None, read_source(name, limits=limits, on_fault=on_fault), _stdin_at_hand, None)
     key = str(Path(name).resolve())
     start = spool.checkpoint(key)
     records = read_source(name, start, limits=limits, on_fault=on_fault)
-    return _Input(name, key, records, lambda: True, _todo(name, start))
+    return Source(name, key, records, lambda: True, _todo(name, start))
 
 
-def _open_replay(path: Path, spool: Spool, limits: InputLimits, on_fault: OnFault) -> _Input:
+def _open_replay(path: Path, spool: Spool, limits: InputLimits, on_fault: OnFault) -> Source:
     stat = path.stat()
     key = f"replay:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     start = spool.checkpoint(key)
     records = _revived(read_source(str(path), start, limits=limits, on_fault=on_fault))
-    return _Input(str(path), key, records, lambda: True, _todo(str(path), start))
+    return Source(str(path), key, records, lambda: True, _todo(str(path), start))
 
 
 def _todo(name: str, start: Checkpoint | None) -> int | None:
@@ -386,7 +312,13 @@ def _target(
     if not endpoint.startswith(("http://", "https://")):
         raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
     limits = limits_from(tuning)
-    return _Target(endpoint, api_key, spool_path, dead_letters, limits=limits, **tuning)
+    retry_time = tuning["max_retry_time"]
+    delivery = DeliveryTarget(
+        endpoint, api_key, max_in_flight=tuning["max_in_flight"], max_latency=tuning["max_latency"],
+        timeout=tuning["timeout"], policy=RetryPolicy(max_elapsed=retry_time,
+                                                      unanswered_limit=min(UNANSWERED_LIMIT, retry_time)),
+    )
+    return _Target(delivery, spool_path, dead_letters, limits)
 
 
 def _engine(rule_dirs: tuple[Path, ...]) -> Engine:
@@ -397,7 +329,7 @@ def _engine(rule_dirs: tuple[Path, ...]) -> Engine:
 
 
 @contextmanager
-def _progress(ingest: _Ingest, dispatcher: Dispatcher) -> Iterator[Callable[[], None]]:
+def _progress(ingest: Pipeline, dispatcher: Dispatcher) -> Iterator[Callable[[], None]]:
     """A live bar on a terminal (stderr): input read, events delivered, waiting, failed."""
     if not stderr.is_terminal:
         yield lambda: None
@@ -420,10 +352,10 @@ def _progress(ingest: _Ingest, dispatcher: Dispatcher) -> Iterator[Callable[[], 
 
 
 def _summary(
-    title: str, ingest: _Ingest, dispatcher: Dispatcher, left_before: int, left_now: int, exported: int
+    title: str, tally: Tally, dispatcher: Dispatcher, left_before: int, left_now: int, exported: int
 ) -> Table:
     stats = dispatcher.stats
-    elapsed = max(time.perf_counter() - ingest.tally.started, 1e-9)
+    elapsed = max(time.perf_counter() - tally.started, 1e-9)
     extra = {
         "left by an earlier run": left_before,
         "delivered": stats.delivered,
@@ -434,4 +366,4 @@ def _summary(
         "left in the spool": left_now,
         "delivered events/s": round(stats.delivered / elapsed),
     }
-    return ingest.tally.table(title, extra)
+    return tally.table(title, extra)

@@ -15,7 +15,7 @@ from rich.markup import escape
 from ..delivery.api_key import ApiKeyError, read_api_key
 from ..limits import MAX_GZIP_RATIO, MAX_LINE_BYTES, InputLimits
 from ..rules.folders import RulesFolderError, resolve_rules_folder
-from ..ingest.files import SourceFault
+from ..record import SourceFault
 from ..reports.summary import Tally
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -30,6 +30,9 @@ from ..errors import EngineError
 from ..outcome import Emitted, Kind
 
 from ..record import Checkpoint, Record
+
+if TYPE_CHECKING:
+    from ..mapping import Mapped, MappedEvent
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS inputs (
@@ -94,6 +97,17 @@ class Chunk:
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
     seen: list[tuple[str, float]] = field(default_factory=list)
     """``(messageId, wall-clock time)`` of the inputs taken, remembered in the same transaction."""
+    encoded: list[tuple[Record, Sequence[MappedEvent]]] = field(default_factory=list)
+    """Inputs with their events already encoded (:meth:`add_mapped`)."""
+    encoded_dead_letters: list[bytes] = field(default_factory=list)
+
+    def add_mapped(self, record: Record, mapped: Mapped, *, dead_letter: bool = True) -> None:
+        """Spool what ``record`` became, as the map stage encoded it: its events, and its dead
+        letter unless ``dead_letter`` is False (a caller that sends dead letters elsewhere)."""
+        if dead_letter and mapped.dead_letter is not None:
+            self.encoded_dead_letters.append(mapped.dead_letter)
+        if mapped.events:
+            self.encoded.append((record, mapped.events))
 
     def add(self, record: Record, emitted: Sequence[Emitted]) -> None:
         """Spool the events ``record`` emitted."""
@@ -171,6 +185,10 @@ class Spool:
                 for e in emitted
             )
             input_id += 1
+        for record, events in chunk.encoded:
+            inputs.append((input_id, record.origin, record.line, record.raw))
+            pending.extend((input_id, e.kind, e.rule, e.id, e.body) for e in events)
+            input_id += 1
         with self._transaction():
             self._db.executemany("INSERT INTO inputs VALUES (?, ?, ?, ?)", inputs)
             self._db.executemany(
@@ -179,7 +197,7 @@ class Spool:
             )
             self._db.executemany(
                 "INSERT INTO dead_letters (record) VALUES (?)",
-                [(orjson.dumps(r),) for r in chunk.dead_letters],
+                [(orjson.dumps(r),) for r in chunk.dead_letters] + [(r,) for r in chunk.encoded_dead_letters],
             )
             self._db.executemany(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",

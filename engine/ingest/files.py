@@ -15,16 +15,16 @@ import gzip
 import os
 import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO
 
 import orjson
 
 from ..errors import EngineError
-from ..record import Checkpoint, Record
+from ..record import Checkpoint, OnFault, Record, SourceFault
 from ..limits import (
     DEFAULT_LIMITS,
     GZIP_RATIO_FLOOR,
@@ -43,23 +43,6 @@ _HEAD = 256
 """Bytes at the start of a source kept in its checkpoint, to recognise it on the next run."""
 _SKIP_CHUNK = MiB
 """Bytes read at a time while skipping the rest of an over-long line."""
-
-
-class SourceFault(NamedTuple):
-    """A source (or the rest of one) that could not be read: damaged, unreadable, a gzip bomb.
-
-    ``line`` is the last line read before the damage (0: none), None when the file never opened.
-    """
-
-    origin: str
-    line: int | None
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.origin}:{self.line}: {self.reason}" if self.line else f"{self.origin}: {self.reason}"
-
-
-OnFault = Callable[[SourceFault], None]
 
 
 class InputError(EngineError):

@@ -7,8 +7,13 @@ from collections import Counter
 
 from rich.table import Table
 
-from ..outcome import KINDS, Outcome
-from ..ingest.files import SourceFault
+from typing import TYPE_CHECKING
+
+from ..outcome import KINDS, Outcome, Rejection
+from ..record import SourceFault
+
+if TYPE_CHECKING:
+    from ..mapping import Mapped
 
 
 class Tally:
@@ -27,14 +32,21 @@ class Tally:
         return sum(self.events.values())
 
     def add(self, outcome: Outcome) -> None:
-        self.events[outcome.verdict] += 1
-        for rejection in outcome.rejected:
+        """Count one event's outcome."""
+        self._count(outcome.verdict, outcome.rejected, [emitted.kind for emitted in outcome.emitted])
+
+    def add_mapped(self, mapped: Mapped) -> None:
+        """Count one event as the map stage gave it back."""
+        self._count(mapped.verdict, mapped.rejected, [event.kind for event in mapped.events])
+
+    def _count(self, verdict: str, rejected: tuple[Rejection, ...], kinds: list[str]) -> None:
+        self.events[verdict] += 1
+        for rejection in rejected:
             parts = rejection.reason.split(": ")
             # an input's own problem reads "origin:line: what: detail"; a rule's "…: why"
             reason = parts[-1] if rejection.rule is not None else parts[min(1, len(parts) - 1)]
             self.reasons[(rejection.rule or "(input)", f"{rejection.path} {reason}")] += 1
-        for emitted in outcome.emitted:
-            self.emitted[emitted.kind] += 1
+        self.emitted.update(kinds)
 
     def fault(self, fault: SourceFault) -> None:
         """Count a source that could not be read to its end."""

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...outcome import Outcome
+from ...delivery.pipeline import pack
+from ...mapping import Mapped
 from .dedupe import SeenIds
 from .metrics import Causes, Metrics
 from .settings import ServeError
@@ -46,8 +47,7 @@ class Entry:
 
     message_id: str | None
     record: Record
-    outcome: Outcome
-    dead_letter: dict[str, Any] | None
+    mapped: Mapped
 
 
 @dataclass(slots=True)
@@ -134,9 +134,9 @@ class AckingSpool(Spool):
         self._trouble.over("a commit succeeded")
         self._seen.remember(chunk.seen)
         if len(self._arrived) < _TRACKED_LATENCIES:
-            for (_, emitted), arrived in zip(chunk.inputs, arrivals, strict=True):
-                for e in emitted:
-                    self._arrived[(e.kind, str(e.event["id"]))] = arrived
+            for (_, events), arrived in zip(chunk.encoded, arrivals, strict=True):
+                for e in events:
+                    self._arrived[(e.kind, e.id)] = arrived
         for submission, gone in zip(submissions, dropped, strict=True):
             submission.ack.set_result(gone)
 
@@ -176,10 +176,8 @@ def _merged(submissions: Sequence[Submission], seen: SeenIds) -> tuple[Chunk, li
                     continue
                 taken.add(message_id)
                 chunk.seen.append((message_id, now))
-            if entry.dead_letter is not None:
-                chunk.dead_letter(entry.dead_letter)
-            if entry.outcome.emitted:
-                chunk.add(entry.record, entry.outcome.emitted)
+            pack(chunk, entry.record, entry.mapped)  # counted once answered, without the duplicates
+            if entry.mapped.events:
                 arrivals.append(submission.received)
         dropped.append(gone)
     return chunk, dropped, arrivals

@@ -41,7 +41,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ...delivery.dead_letters import rejected_input
+from ...delivery.pipeline import MapStep
+from ...mapping import InProcessMapper
 from ...engine import Engine
 from .body import Refused, check_event_size, parse, read_body
 from .delivery import Delivery, SpoolFull
@@ -264,7 +265,7 @@ class Receiver:
         try:
             self._requests += 1
             mapped = await run_in_threadpool(self._map, f"{request.url.path}#{self._requests}", events)
-            reservation.resize(sum(len(e.outcome.emitted) for e in mapped.entries))
+            reservation.resize(sum(len(e.mapped.events) for e in mapped.entries))
             dropped: set[int] = set()
             if mapped.entries:
                 try:
@@ -278,7 +279,7 @@ class Receiver:
         tally = RequestTally()
         for index, entry in enumerate(mapped.entries):
             if index not in dropped:
-                tally.add(entry.outcome)
+                tally.add_mapped(entry.mapped)
         duplicates = mapped.duplicates + len(dropped)
         tally.outcomes["duplicate"] += duplicates
         self.metrics.tally(tally)
@@ -303,11 +304,9 @@ class Receiver:
                 continue
             check_event_size(len(raw), f"event {line}")
             records.append((message_id, Record(origin, line, raw, event=event)))
-        engine = self._rules.engine
-        entries = []
-        for message_id, record in records:
-            outcome = engine.process(record.event) if record.error is None else engine.process_record(record)
-            entries.append(Entry(message_id, record, outcome, rejected_input(record, outcome) if outcome.rejected else None))
+        step = MapStep(InProcessMapper(self._rules.engine))
+        mapped = step.map([record for _, record in records])
+        entries = [Entry(message_id, *done) for (message_id, _), done in zip(records, mapped, strict=True)]
         return _Mapped(entries, duplicates, received)
 
     def _retry_after(self) -> dict[str, str]:

@@ -168,11 +168,7 @@ class Delivery:
                 self.seen.clear()
                 self.seen.remember(spool.seen_messages())
                 self._export(spool)
-                dispatcher = Dispatcher(
-                    spool, endpoint=settings.endpoint, api_key=settings.api_key,
-                    max_in_flight=settings.max_in_flight, max_latency=settings.max_latency,
-                    timeout=settings.timeout, policy=settings.policy, high_water=sys.maxsize,
-                )
+                dispatcher = settings.target.dispatcher(spool, high_water=sys.maxsize)
             except ENVIRONMENT as exc:
                 return self._spool_failed(exc)
             with self._lock:

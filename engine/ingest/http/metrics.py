@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ...rules.loader import RuleSet
-from ...outcome import Outcome
+from ...mapping import Mapped
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -27,11 +27,11 @@ class RequestTally:
     rejected: Counter[str | None] = field(default_factory=Counter)
     """Rejections by rule (None: the input itself)."""
 
-    def add(self, outcome: Outcome) -> None:
-        self.outcomes[outcome.verdict.replace(" ", "_")] += 1
-        for emitted in outcome.emitted:
-            self.emitted[(emitted.rule, emitted.kind)] += 1
-        for rejection in outcome.rejected:
+    def add_mapped(self, mapped: Mapped) -> None:
+        self.outcomes[mapped.verdict.replace(" ", "_")] += 1
+        for event in mapped.events:
+            self.emitted[(event.rule, event.kind)] += 1
+        for rejection in mapped.rejected:
             self.rejected[rejection.rule] += 1
 
 

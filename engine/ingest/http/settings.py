@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import EngineError
+from ...delivery.pipeline import DeliveryTarget
 from ...delivery.retry import RetryPolicy
 
 MAX_EVENT_BYTES = 32 * 1024
@@ -47,3 +48,9 @@ class ServeSettings:
     max_latency: float = 1.0
     timeout: float = 10.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @property
+    def target(self) -> DeliveryTarget:
+        """Where and how the spool is delivered."""
+        return DeliveryTarget(self.endpoint, self.api_key, self.max_in_flight, self.max_latency, self.timeout,
+                              self.policy)

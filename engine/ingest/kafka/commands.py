@@ -23,7 +23,9 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from rich.console import Console
 
 from ...cli.options import api_key_or_exit, delivery_tuning, rules_option
-from ...delivery.dispatch import DeliveryError, Dispatcher
+from ...delivery.dispatch import DeliveryError
+from ...delivery.pipeline import DeliveryTarget
+from ...mapping import InProcessMapper
 from ...engine import Engine
 from ...errors import EngineError
 from .settings import ENV_PREFIX, KafkaSetupError, kafka_settings, message_key, produce, producer_settings
@@ -128,15 +130,13 @@ def consume_command(
         raise click.ClickException(f"{exc}\nRun `segment-topsort check` for details.") from None
     dead_letter_topic = dead_letter_topic or f"{topic}.dead-letters"
     try:
-        worker = KafkaWorker(engine, settings, topic=topic, group=group, dead_letter_topic=dead_letter_topic,
+        worker = KafkaWorker(InProcessMapper(engine), settings, topic=topic, group=group, dead_letter_topic=dead_letter_topic,
                              spool_path=spool_path, drain_timeout=drain_timeout)
     except (EngineError, KafkaException) as exc:
         raise click.ClickException(str(exc)) from None
     spool = worker.spool
-    dispatcher = Dispatcher(
-        spool, endpoint=endpoint, api_key=api_key, max_in_flight=max_in_flight, max_latency=max_latency,
-        timeout=timeout, policy=RetryPolicy(max_elapsed=max_retry_time),
-    )
+    dispatcher = DeliveryTarget(endpoint, api_key, max_in_flight, max_latency, timeout,
+                                RetryPolicy(max_elapsed=max_retry_time)).dispatcher(spool)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, worker.stop)
     stderr.print(f"Consuming {topic} in group {group} from {settings['bootstrap.servers']};"

@@ -28,9 +28,9 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from rich.console import Console
 
-from ...delivery.dead_letters import rejected_input
 from ...delivery.dispatch import Dispatcher
-from ...engine import Engine
+from ...delivery.pipeline import DeadLetterSink, MapStep
+from ...mapping import Mapper
 from ...errors import EngineError
 from .settings import consumer_settings, message_key, produce, producer_settings
 from ..files import decode_line
@@ -151,13 +151,13 @@ class KafkaWorker:
     """One consumer-group member reading ``topic``; see the module's docstring for its threads."""
 
     def __init__(
-        self, engine: Engine, settings: dict[str, str], *, topic: str, group: str, dead_letter_topic: str,
+        self, mapper: Mapper, settings: dict[str, str], *, topic: str, group: str, dead_letter_topic: str,
         spool_path: Path, drain_timeout: float, consumer_type: type[Consumer] = Consumer,
     ) -> None:
-        self.engine = engine
         self.topic = topic
         self.dead_letter_topic = dead_letter_topic
         self.tally = Tally()
+        self._step = MapStep(mapper, self.tally.add_mapped)
         self.dead_lettered = 0
         self._count_lock = threading.Lock()
         self._consumer = consumer_type(consumer_settings(settings, group, self._on_commit))
@@ -211,7 +211,7 @@ class KafkaWorker:
                 messages = consumer.consume(_BATCH, _POLL_SECONDS)
                 if reading:
                     chunk = self._map(messages)
-                    if chunk.inputs:
+                    if chunk.encoded:
                         self._handover.put(chunk)
                 elif not ended:
                     self._handover.put(_END)
@@ -226,7 +226,7 @@ class KafkaWorker:
             consumer.close()
 
     def _map(self, messages: list[Message]) -> Chunk:
-        chunk = Chunk()
+        records, positions = [], []
         for message in messages:
             if (error := message.error()) is not None:
                 if error.fatal():
@@ -235,14 +235,13 @@ class KafkaWorker:
                     stderr.print(f"[yellow]Kafka: {error.str()}[/]")
                 continue
             partition, offset = Partition(message.topic(), message.partition()), message.offset()
-            record = decode_line(partition.name, offset, message.value() or b"")
-            outcome = self.engine.process_record(record)
-            if not self._offsets.read(partition, offset, bool(outcome.emitted) + bool(outcome.rejected)):
+            records.append(decode_line(partition.name, offset, message.value() or b""))
+            positions.append((partition, offset))
+        chunk = Chunk()
+        for (partition, offset), (record, mapped) in zip(positions, self._step.map(records), strict=True):
+            if not self._offsets.read(partition, offset, bool(mapped.events) + bool(mapped.rejected)):
                 continue  # revoked meanwhile: its new owner reads it
-            self.tally.add(outcome)
-            if outcome.rejected:
-                self._send_dead_letter(rejected_input(record, outcome), partition, offset)
-            chunk.add(record, outcome.emitted)
+            self._step.pack(chunk, record, mapped, self._dead_letter_sink(partition, offset))
         self._producer.poll(0)
         return chunk
 
@@ -327,8 +326,12 @@ class KafkaWorker:
         with self._count_lock:
             self.dead_lettered += dead_letters
 
+    def _dead_letter_sink(self, partition: Partition, offset: int) -> DeadLetterSink:
+        """Where the map or decode dead letter of the message at ``offset`` goes: to the topic; its
+        offset is released once the topic has it."""
+        return lambda _record, letter: self._send_dead_letter(orjson.loads(letter), partition, offset)
+
     def _send_dead_letter(self, record: dict[str, Any], partition: Partition, offset: int) -> None:
-        """Produce a map or decode dead letter; its offset is released once the topic has it."""
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
             if error is None:

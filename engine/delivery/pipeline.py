@@ -1,0 +1,139 @@
+"""The one pipeline every delivering front-end uses: records → map → tally → dead letters → spool.
+
+* :class:`MapStep` is the per-record step: a slice of records goes through a
+  :class:`~engine.mapping.Mapper`, each :class:`~engine.mapping.Mapped` is counted and packed into a
+  spool :class:`~engine.delivery.spool.Chunk` (its encoded events and its dead letter). ``run``,
+  ``replay``, ``serve`` and ``consume`` all pack through it.
+* :class:`Pipeline` slices :class:`Source` s (files, standard input, dead-letter files) into chunks,
+  each chunk carrying the checkpoint that acknowledges its records: once the spool committed the
+  chunk, a restarted run resumes after it. ``serve`` acknowledges a request by answering it once
+  its chunk is committed, ``consume`` by committing offsets once its inputs are settled.
+* :class:`DeliveryTarget` is where and how the spool is drained: it builds the one
+  :class:`~engine.delivery.dispatch.Dispatcher` of each front-end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ..mapping import Mapped, Mapper
+from ..record import Checkpoint, Record
+from .dispatch import Dispatcher
+from .retry import RetryPolicy
+from .spool import Chunk, Spool
+
+CHUNK_RECORDS = 500
+"""Input events mapped and committed to the spool together (with their checkpoint)."""
+CHUNK_SECONDS = 0.05
+"""Longest time an input event waits before its chunk is committed."""
+
+DeadLetterSink = Callable[[Record, bytes], None]
+"""Takes an encoded dead letter elsewhere than the spool (``consume``: the dead-letter topic)."""
+
+
+class MapStep:
+    """Maps slices of records and packs each outcome for the spool; ``count`` sees every one."""
+
+    def __init__(self, mapper: Mapper, count: Callable[[Mapped], None] | None = None) -> None:
+        self.mapper = mapper
+        self._count = count
+
+    def map(self, records: Sequence[Record]) -> list[tuple[Record, Mapped]]:
+        """Each record with what it became, in order."""
+        return list(zip(records, self.mapper.map(records), strict=True))
+
+    def pack(self, chunk: Chunk, record: Record, mapped: Mapped, dead_letters: DeadLetterSink | None = None) -> None:
+        """Count ``mapped``, then :func:`pack` it."""
+        if self._count:
+            self._count(mapped)
+        pack(chunk, record, mapped, dead_letters)
+
+
+def pack(chunk: Chunk, record: Record, mapped: Mapped, dead_letters: DeadLetterSink | None = None) -> None:
+    """Add what ``record`` became to ``chunk``: its events, and its dead letter (or hand that to
+    ``dead_letters``)."""
+    if dead_letters is not None and mapped.dead_letter is not None:
+        dead_letters(record, mapped.dead_letter)
+    chunk.add_mapped(record, mapped, dead_letter=dead_letters is None)
+
+
+@dataclass(slots=True)
+class Source:
+    """One input: records with the checkpoint after each, and whether more is at hand right now.
+
+    ``key`` names the source in the spool's checkpoints (None: never resumed, e.g. stdin).
+    """
+
+    origin: str
+    key: str | None
+    records: Iterator[tuple[Record, Checkpoint | None]]
+    at_hand: Callable[[], bool] = lambda: True
+    todo: int | None = None
+    """Bytes left to read, when known."""
+
+
+class Pipeline:
+    """Reads sources, maps them through a :class:`MapStep` and yields chunks for the spool.
+
+    Runs on whichever thread consumes :meth:`chunks`; the counters are read by others for progress.
+    """
+
+    def __init__(self, step: MapStep) -> None:
+        self.step = step
+        self.read = 0
+        self.bytes = 0
+        self.todo: int | None = 0
+        """Bytes to read, when known (not for standard input)."""
+
+    def chunks(self, sources: Iterable[Source]) -> Iterator[Chunk]:
+        """Chunks of mapped input, each with the checkpoint reached in its source."""
+        sources = list(sources)
+        sizes = [source.todo for source in sources]
+        self.todo = None if None in sizes else sum(size or 0 for size in sizes)
+        for source in sources:
+            records: list[Record] = []
+            checkpoint: Checkpoint | None = None
+            started = time.monotonic()
+            for record, reached in source.records:
+                records.append(record)
+                checkpoint = reached or checkpoint
+                if (len(records) >= CHUNK_RECORDS or time.monotonic() - started >= CHUNK_SECONDS
+                        or not source.at_hand()):
+                    yield self._chunk(source, records, checkpoint)
+                    records, started = [], time.monotonic()
+            if records:
+                yield self._chunk(source, records, checkpoint)
+
+    def _chunk(self, source: Source, records: list[Record], checkpoint: Checkpoint | None) -> Chunk:
+        chunk = Chunk()
+        for record, mapped in self.step.map(records):
+            self.step.pack(chunk, record, mapped)
+            self.bytes += len(record.raw) + 1
+        self.read += len(records)
+        if source.key and checkpoint:
+            chunk.checkpoint(source.key, checkpoint)
+        return chunk
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryTarget:
+    """Where and how the spool is drained: Topsort's endpoint, the key, and the dispatch tuning."""
+
+    endpoint: str
+    api_key: str = field(repr=False)
+    max_in_flight: int = 8
+    max_latency: float = 1.0
+    timeout: float = 10.0
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def dispatcher(self, spool: Spool, *, transport: httpx.BaseTransport | None = None, **extra: Any) -> Dispatcher:
+        """The dispatcher that drains ``spool`` to this target (``extra``: e.g. ``high_water``)."""
+        return Dispatcher(
+            spool, endpoint=self.endpoint, api_key=self.api_key, max_in_flight=self.max_in_flight,
+            max_latency=self.max_latency, timeout=self.timeout, policy=self.policy, transport=transport, **extra,
+        )
