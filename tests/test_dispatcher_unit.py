@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from engine.delivery.dispatch import AuthenticationError, Clock, Dispatcher, EndpointError
+from engine.delivery.dispatch import AuthenticationError, Clock, Dispatcher, EndpointError, State
 from engine.delivery.retry import RetryPolicy
 from engine.delivery.spool import Spool
 
@@ -270,3 +271,71 @@ def test_a_named_delay_past_the_budget_is_not_waited(tmp_path: Path) -> None:
     assert len(topsort.requests) == 1 and clock.waits == [] and dispatcher.stats.failed == 1
     [letter] = _dead_letters(spool, tmp_path)
     assert letter["rejected"][0]["reason"] == "undeliverable after 1 attempt(s) in 0.0 s: HTTP 429"
+
+
+# -- stopping: a state, not an exception ----------------------------------------------------------------
+
+
+def _dispatcher(spool: Spool, handler: Handler, **options: Any) -> tuple[Dispatcher, _Topsort]:
+    topsort = _Topsort(handler)
+    dispatcher = Dispatcher(spool, endpoint=URL, api_key=KEY, transport=httpx.MockTransport(topsort),
+                            clock=_PretendClock(), **options)
+    return dispatcher, topsort
+
+
+def _endless(dispatcher: Dispatcher) -> Iterator[Any]:
+    """Input that never ends by itself (a consumer, a server): it only waits until delivery stops."""
+    while dispatcher.state in (State.RUNNING, State.DRAINING):
+        time.sleep(0.01)
+    yield from ()
+
+
+def test_stop_before_run_ends_at_once_and_keeps_the_spool(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, [_impression(n) for n in range(60)])
+    dispatcher, topsort = _dispatcher(spool, lambda _r: httpx.Response(204))
+    assert dispatcher.state is State.READY
+
+    dispatcher.stop(0)
+    assert dispatcher.state is State.DRAINING
+    dispatcher.run()
+
+    assert dispatcher.state is State.STOPPED
+    assert topsort.requests == [] and spool.unsent == 60
+
+
+def test_a_drain_timeout_delivers_what_is_spooled_then_ends_an_endless_input(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, [_impression(n) for n in range(120)])
+    dispatcher, topsort = _dispatcher(spool, lambda _r: httpx.Response(204), max_latency=0.01)
+    threading.Timer(0.2, dispatcher.stop, args=(0.5,)).start()
+
+    started = time.monotonic()
+    stats = dispatcher.run(_endless(dispatcher))
+
+    assert 0.6 <= time.monotonic() - started < 5
+    assert dispatcher.state is State.STOPPED
+    assert stats.delivered == 120 and spool.unsent == 0 and len(topsort.requests) == 3
+
+
+def test_stop_now_answers_the_request_in_flight_and_leaves_the_rest_in_the_spool(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, [_impression(n) for n in range(120)])
+    sent, release = threading.Event(), threading.Event()
+
+    def slow(_request: httpx.Request) -> httpx.Response:
+        sent.set()
+        release.wait(5)
+        return httpx.Response(204)
+
+    dispatcher, topsort = _dispatcher(spool, slow, max_in_flight=1)
+
+    def stop_while_in_flight() -> None:
+        sent.wait(5)
+        dispatcher.stop(0)
+        dispatcher.stop(30)  # a later call never moves the deadline away
+        release.set()
+
+    threading.Thread(target=stop_while_in_flight).start()
+    stats = dispatcher.run(_endless(dispatcher))
+
+    assert dispatcher.state is State.STOPPED
+    assert len(topsort.requests) == 1 and stats.delivered == 50   # the request in flight was answered, settled
+    assert spool.unsent == 70                                      # the rest waits for the next run

@@ -202,8 +202,14 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
         ingest = Pipeline(MapStep(InProcessMapper(engine), tally.add_mapped))
         dispatcher = target.delivery.dispatcher(spool)
         failure: EngineError | OSError | None = None
-        terminated = False
-        previous = _on_sigterm(_terminate)
+        terminated = threading.Event()
+
+        def terminate(_signum: int, _frame: Any) -> None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+            terminated.set()
+            dispatcher.stop(0.0)  # requests in flight are answered; the rest stays in the spool
+
+        previous = _on_sigterm(terminate)
         try:
             with _progress(ingest, dispatcher) as show:
 
@@ -215,15 +221,13 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
                 dispatcher.run(ingest.chunks(inputs(spool, target.limits, partial(report_fault, stderr, tally))), tick)
         except (DeliveryError, OSError) as exc:
             failure = exc
-        except _Terminated:
-            terminated = True
         finally:
             _on_sigterm(previous)
             exported += spool.export_dead_letters(target.dead_letters)
             stderr.print(_summary(title, tally, dispatcher, left_before, spool.unsent, exported))
             if exported:
                 stderr.print(f"Dead letters: {target.dead_letters} (send them again with `segment-topsort replay`)")
-    if terminated:
+    if terminated.is_set():
         stderr.print("Stopped by SIGTERM: requests in flight were answered; the rest waits in the spool for the next run.")
         sys.exit(EXIT_TERMINATED)
     if failure:
@@ -232,21 +236,12 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
         sys.exit(EXIT_INPUT_SKIPPED)
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: raised in the main thread, where delivery then stops as for Ctrl-C."""
-
-
 def _on_sigterm(handler: Any) -> Any:
     """Install ``handler`` for SIGTERM and return the one it replaces (only the main thread may; a
     handler that was not set from Python is None and stays)."""
     if handler is None or threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, handler)
-
-
-def _terminate(_signum: int, _frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise _Terminated
 
 
 # -- inputs ----------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ about half the CPU per request of the asynchronous one).
 * 401, 403: :class:`AuthenticationError`; 404, 405: :class:`EndpointError`. Delivery stops and
   every unsettled event stays in the spool for the next run.
 
+Stopping is an explicit state (:class:`State`): :meth:`Dispatcher.stop` sets a deadline, and
+``run`` returns once its input ended and the spool is empty, or at that deadline, with the requests
+in flight answered and settled; front-ends stop delivery this way, never by raising through it.
+
 Outcomes are settled in the spool in groups (:meth:`Spool.settle`); an outcome lost in a crash only
 means its events are sent again, under the same ids, which Topsort deduplicates.
 
@@ -25,6 +29,8 @@ Requests go through ``transport`` when one is given (``httpx.MockTransport`` in 
 
 from __future__ import annotations
 
+import enum
+import math
 import queue
 import threading
 import time
@@ -124,8 +130,28 @@ class _Stopped(Exception):
     """Delivery is stopping: leave the rest of the batch in the spool."""
 
 
+class State(enum.Enum):
+    """Where a :class:`Dispatcher` stands; :meth:`Dispatcher.stop` moves it on from ``RUNNING``."""
+
+    READY = "ready"
+    """Not run yet."""
+    RUNNING = "running"
+    """Taking input and delivering."""
+    DRAINING = "draining"
+    """Asked to stop: delivering what is left until the input ends and the spool is empty, or the deadline."""
+    STOPPING = "stopping"
+    """The deadline passed: waiting for the requests in flight, then settling."""
+    STOPPED = "stopped"
+    """:meth:`Dispatcher.run` returned (or is about to)."""
+
+
 class Dispatcher:
-    """Sends the events of a :class:`Spool` to Topsort and settles each one there. One run each."""
+    """Sends the events of a :class:`Spool` to Topsort and settles each one there. One run each.
+
+    Stopping is a state, not an exception: :meth:`stop` sets a deadline, and :meth:`run` returns
+    once the input ended and the spool is empty, or at the deadline (requests in flight answered,
+    the rest left in the spool for the next run).
+    """
 
     def __init__(
         self,
@@ -170,14 +196,41 @@ class Dispatcher:
         self._fatal: BaseException | None = None
         self._first_sent: float | None = None
         self._answered = False
+        self._state = State.READY
+        self._state_lock = threading.Lock()
+        self._deadline = math.inf
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def stop(self, drain_timeout: float | None = 0.0) -> None:
+        """Stop (from any thread, at any time, even before :meth:`run`).
+
+        Delivery goes on for at most ``drain_timeout`` seconds more (None: until the input ended and
+        the spool is empty; 0: stop now); a later call may only bring the deadline closer. Requests
+        in flight are answered either way; what is not delivered stays in the spool.
+        """
+        with self._state_lock:
+            if self._state is State.STOPPED:
+                return
+            if drain_timeout is not None:
+                self._deadline = min(self._deadline, time.monotonic() + drain_timeout)
+            if self._state in (State.READY, State.RUNNING):
+                self._state = State.DRAINING
+        self._inbox.put(("wake", None))
 
     def run(self, chunks: Iterable[Chunk] = (), tick: Callable[[], None] | None = None) -> DeliveryStats:
         """Spool ``chunks`` (read on a thread of their own) and deliver until nothing is left.
 
         ``tick`` is called from this thread about five times a second (progress, exports).
-        Raises :class:`DeliveryError` when delivery cannot go on, or whatever reading the chunks
+        Returns when the chunks have ended and the spool is empty, or at the deadline :meth:`stop`
+        set. Raises :class:`DeliveryError` when delivery cannot go on, or whatever reading the chunks
         raised, once the requests in flight have ended and their outcomes are settled.
         """
+        with self._state_lock:
+            if self._state is State.READY:
+                self._state = State.RUNNING
         credits = threading.Semaphore(_CHUNKS_AHEAD)
         reader = threading.Thread(
             target=self._read, args=(chunks, credits), name="segment-topsort-reader", daemon=True
@@ -196,11 +249,13 @@ class Dispatcher:
             try:
                 self._loop(client, pool, credits, tick)
             finally:
+                self._set_state(State.STOPPING)
                 self._stop.set()
                 while self._in_flight:
                     self._handle(self._inbox.get())
                 self._settle()
                 reader.join(timeout=1.0)
+                self._set_state(State.STOPPED)
         if self._fatal:
             raise self._fatal
         return self.stats
@@ -216,7 +271,7 @@ class Dispatcher:
     ) -> None:
         reading = True
         settled_at = time.monotonic()
-        while not self._fatal:
+        while not self._fatal and time.monotonic() < self._deadline:
             while self._chunks and self.spool.unsent < self._high_water:
                 self.spool.commit(self._chunks.popleft())
                 credits.release()
@@ -233,7 +288,7 @@ class Dispatcher:
                 settled_at = now
             if input_done and self._caught_up and not (len(self._batcher) or self._ready or self._in_flight):
                 return
-            wait = _SETTLE_EVERY - (now - settled_at)
+            wait = min(_SETTLE_EVERY - (now - settled_at), self._deadline - now)
             if len(self._batcher) and self._caught_up:
                 wait = min(wait, self._max_latency - (now - self._oldest))
             try:
@@ -259,7 +314,11 @@ class Dispatcher:
             self.stats.retries += payload.retries
         elif kind == "fatal":
             self._fatal = self._fatal or payload
-        return kind != "end"
+        return kind != "end"  # "wake": only look at the state again
+
+    def _set_state(self, state: State) -> None:
+        with self._state_lock:
+            self._state = state
 
     def _fill(self, *, final: bool) -> None:
         """Batch spooled events until enough requests are ready; flush a batch that waited enough."""

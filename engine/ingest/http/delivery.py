@@ -18,7 +18,6 @@ import logging
 import queue
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
@@ -135,7 +134,11 @@ class Delivery:
         return ack
 
     def close(self) -> None:
-        self._closing.set()
+        """Take no more requests; deliver what was committed for at most the drain timeout."""
+        with self._lock:
+            self._closing.set()
+            if self._dispatcher is not None:
+                self._dispatcher.stop(self._settings.drain_timeout)
         self._queue.put(None)
         if self._thread:
             self._thread.join()
@@ -173,15 +176,17 @@ class Delivery:
                 return self._spool_failed(exc)
             with self._lock:
                 self._spool, self._dispatcher = spool, dispatcher
+                if self._closing.is_set():
+                    dispatcher.stop(settings.drain_timeout)
             if not self._ready.done():
                 self._ready.set_result(None)
             self._trouble.over("the spool opened again")
             ended = threading.Event()
             try:
                 dispatcher.run(self._submissions(ended), lambda: self._tick(spool))
-                return True
-            except _DrainTimeout as exc:
-                log.warning("%s", exc)
+                if spool.unsent:
+                    log.warning("stopped with %d event(s) still in the spool %s; they are delivered on the next"
+                                " start", spool.unsent, settings.spool)
                 return True
             except DeliveryError as exc:
                 self._fail(exc)
@@ -214,12 +219,11 @@ class Delivery:
         return None
 
     def _submissions(self, ended: threading.Event) -> Iterator[Batch]:
-        """Queued submissions, merged while more are at hand; after close, wait for the spool to empty.
+        """Queued submissions, merged while more are at hand, until close.
 
         Once ``ended`` (its dispatcher is gone and the spool about to be opened again), whatever it
         takes from the queue is put back for the next one.
         """
-        last: Batch | None = None
         stop = False
         while not stop:
             item = self._take(ended)
@@ -234,19 +238,7 @@ class Delivery:
                 item = self._take(ended)
             stop = item is None or item is _ENDED
             if batch.submissions:
-                last = batch
                 yield batch
-            if item is _ENDED:
-                return
-        if last is not None:
-            for submission in last.submissions:
-                submission.ack.exception()  # waits until the last submission is committed (or refused)
-        deadline = time.monotonic() + self._settings.drain_timeout
-        while self.unsent and time.monotonic() < deadline and self.failure is None:
-            time.sleep(0.02)
-        if self.unsent:
-            raise _DrainTimeout(f"stopped with {self.unsent} event(s) still in the spool {self._settings.spool};"
-                                " they are delivered on the next start")
 
     def _take(self, ended: threading.Event) -> Submission | None | object:
         while True:
@@ -283,9 +275,5 @@ class Delivery:
         for ack in waiting:
             if not ack.done():
                 ack.set_exception(ServeError("the spool closed before the events were committed; retry later"))
-
-
-class _DrainTimeout(EngineError):
-    """Stopping took longer than the drain timeout; what is left stays in the spool."""
 
 

@@ -143,10 +143,6 @@ class Offsets:
                     self._committed[partition] = position.offset if done else -1
 
 
-class _GiveUp(Exception):
-    """Stopping: the drain timeout passed (or a second signal came)."""
-
-
 class KafkaWorker:
     """One consumer-group member reading ``topic``; see the module's docstring for its threads."""
 
@@ -168,29 +164,34 @@ class KafkaWorker:
         self._handover: queue.Queue[Any] = queue.Queue()
         self._stopping = threading.Event()
         self._closing = threading.Event()
-        self._deadline = float("inf")
+        self._dispatcher: Dispatcher | None = None
+        self._stop_lock = threading.Lock()
         self._thread = threading.Thread(target=self._consume, name="segment-topsort-kafka", daemon=True)
         self.spool = Spool(spool_path, on_settled=self._on_settled)
 
     def run(self, dispatcher: Dispatcher) -> None:
         """Consume and deliver (``dispatcher`` drains :attr:`spool`) until :meth:`stop` and the
         delivery of what was read, or a failure (raised); then commit and leave the group."""
+        with self._stop_lock:
+            self._dispatcher = dispatcher
+            if self._stopping.is_set():  # a signal came first
+                dispatcher.stop(self._drain_timeout)
         self._thread.start()
         try:
             dispatcher.run(self._chunks(), self._tick)
-        except _GiveUp:
-            pass
         finally:
             self._finish()
 
     def stop(self, *_: Any) -> None:
-        """Stop reading and deliver what was read; a second call gives up waiting for delivery."""
-        if self._stopping.is_set():
-            self._deadline = 0.0
-            return
-        self._stopping.set()
-        self._deadline = time.monotonic() + self._drain_timeout
-        stderr.print("Stopping: delivering what was read, then committing (signal again to stop at once).")
+        """Stop reading and deliver what was read for at most the drain timeout; a second call
+        stops delivery at once."""
+        with self._stop_lock:
+            again = self._stopping.is_set()
+            self._stopping.set()
+            if self._dispatcher is not None:
+                self._dispatcher.stop(0.0 if again else self._drain_timeout)
+        if not again:
+            stderr.print("Stopping: delivering what was read, then committing (signal again to stop at once).")
 
     # -- the consumer thread ---------------------------------------------------------------------------
 
@@ -293,8 +294,6 @@ class KafkaWorker:
     def _tick(self) -> None:
         """Called by the dispatcher about five times a second."""
         self._settle()
-        if self._stopping.is_set() and time.monotonic() > self._deadline:
-            raise _GiveUp
 
     def _settle(self) -> None:
         """Write the spool's dead letters to the topic, then count the settled inputs as done."""
