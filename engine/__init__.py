@@ -8,27 +8,71 @@
 
 from .topsort.batching import MAX_PER_ARRAY, Batcher
 from .engine import Engine
-from .errors import EngineError, Problem, RulesInvalid
+from .errors import (
+    ApiKeyError,
+    AuthenticationError,
+    ContentError,
+    DeadLetterTopicError,
+    DeliveryError,
+    DeliveryStopped,
+    EndpointError,
+    EngineError,
+    FieldError,
+    InputError,
+    KafkaSetupError,
+    Problem,
+    RequestRefused,
+    RulesFolderError,
+    RulesInvalid,
+    ServeError,
+    ServerStartError,
+    SourceError,
+    SourceRefused,
+    SpoolError,
+    SpoolFull,
+    UnreachableError,
+    YamlSyntaxError,
+)
 from .rules.loader import RuleSet, check_rules, load_rules
 from .outcome import KINDS, Emitted, Kind, Outcome, Rejection
 from .paths import BUNDLED_RULES
 from .rules.rule import Rule
 
 __all__ = [
+    "ApiKeyError",
+    "AuthenticationError",
     "BUNDLED_RULES",
     "Batcher",
+    "ContentError",
+    "DeadLetterTopicError",
+    "DeliveryError",
+    "DeliveryStopped",
     "Emitted",
+    "EndpointError",
     "Engine",
     "EngineError",
+    "FieldError",
+    "InputError",
     "KINDS",
+    "KafkaSetupError",
     "Kind",
     "MAX_PER_ARRAY",
     "Outcome",
     "Problem",
     "Rejection",
+    "RequestRefused",
     "Rule",
     "RuleSet",
+    "RulesFolderError",
     "RulesInvalid",
+    "ServeError",
+    "ServerStartError",
+    "SourceError",
+    "SourceRefused",
+    "SpoolError",
+    "SpoolFull",
+    "UnreachableError",
+    "YamlSyntaxError",
     "check_rules",
     "load_rules",
 ]

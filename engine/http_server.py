@@ -15,11 +15,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .errors import EngineError
-
-
-class ServerStartError(EngineError):
-    """The HTTP server could not listen, or did not start."""
+from .errors import ServerStartError
 
 
 def listen(host: str, port: int) -> tuple[socket.socket, str]:

@@ -24,19 +24,27 @@ class Emitted(NamedTuple):
 
 
 class Rejection(NamedTuple):
-    """Why an output (or one item of a fan-out) was not emitted.
+    """Why an output (or one item of a fan-out), or one Topsort event at delivery, was not emitted.
 
     ``path`` is a JSON path into the Topsort event that failed (``$`` for the whole input),
-    ``item`` the fan-out index when only one item of a list was rejected.
+    ``item`` the fan-out index when only one item of a list was rejected. A delivery failure also
+    names the event's ``kind`` and ``id``, and Topsort's ``err_code`` when it gave one. This is the
+    one shape of a rejection, in outcomes and in every dead letter.
     """
 
     rule: str | None
     path: str
     reason: str
     item: int | None = None
+    kind: Kind | None = None
+    id: str | None = None
+    err_code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "path": self.path, "reason": self.reason, "item": self.item}
+        found: dict[str, Any] = {"rule": self.rule, "path": self.path, "reason": self.reason, "item": self.item}
+        if self.kind is not None:  # refused at delivery
+            found.update(kind=self.kind, id=self.id, errCode=self.err_code)
+        return found
 
 
 def failure_rejection(rule: str | None, exc: BaseException) -> Rejection:

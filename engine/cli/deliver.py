@@ -44,10 +44,10 @@ from .options import (
     report_fault,
     rules_option,
 )
-from ..delivery.dispatch import DeliveryError, Dispatcher
+from ..delivery.dispatch import Dispatcher
+from ..errors import DeliveryError, EngineError
 from ..delivery.pipeline import DeliveryTarget, MapStep, Pipeline, Source
 from ..engine import Engine
-from ..errors import EngineError
 from ..limits import InputLimits
 from ..delivery.retry import RetryPolicy
 from ..ingest.files import (

@@ -20,13 +20,13 @@ from ..topsort.batching import Batcher
 from .options import EXIT_INPUT_SKIPPED, input_limits, limits_from, report_fault, rule_folders, rules_option
 from ..delivery.dead_letters import DeadLetterFile, rejected_input
 from ..engine import Engine
-from ..errors import Problem, RulesInvalid
+from ..errors import InputError, Problem, RulesInvalid
 from ..reports.explain import RuleExplanation, explain
 from ..limits import MAX_DEPTH, MAX_LINE_BYTES, size, too_deep
 from ..rules.loader import check_rules
 from ..paths import BUNDLED_RULES
 from ..rules.inline_tests import run_rule_tests
-from ..ingest.files import InputError, expand_sources, read_records
+from ..ingest.files import expand_sources, read_records
 from ..reports.summary import Tally
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)

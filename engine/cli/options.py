@@ -12,9 +12,10 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from ..delivery.api_key import ApiKeyError, read_api_key
+from ..delivery.api_key import read_api_key
+from ..errors import ApiKeyError, RulesFolderError
 from ..limits import MAX_GZIP_RATIO, MAX_LINE_BYTES, InputLimits
-from ..rules.folders import RulesFolderError, resolve_rules_folder
+from ..rules.folders import resolve_rules_folder
 from ..record import SourceFault
 from ..reports.summary import Tally
 

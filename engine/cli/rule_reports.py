@@ -14,7 +14,8 @@ from .options import RulesFolder, rules_option
 from ..reports.coverage import coverage_of
 from ..reports.diff import diff_records
 from ..reports.format import coverage_text, diff_text
-from ..ingest.files import InputError, expand_sources, read_records
+from ..ingest.files import expand_sources, read_records
+from ..errors import InputError
 from ..record import Record
 
 _FORMATS = click.Choice(["text", "markdown", "json"])

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import orjson
 from jmespath.exceptions import JMESPathError
 
+from ..errors import FieldError
 from . import codegen
 from .codegen import Emit, Scope, Writer
 from ..topsort.coercion import COERCIONS
@@ -45,15 +46,6 @@ SOURCES = ("from", "const", "first", "merge", "fields")
 SPEC_KEYS = frozenset((*SOURCES, "each", "item", "if", "lookup", "default", "as"))
 DEFAULT_ITEM = "item"
 _LOOKUP_KEYS = (str, int, float, bool)
-
-
-class FieldError(Exception):
-    """A field's expression failed on this event (e.g. a function given the wrong type)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 class Output(NamedTuple):

@@ -7,15 +7,11 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import EngineError
+from ..errors import ApiKeyError
 
 ENV_VAR = "TOPSORT_API_KEY"
 _SENDABLE = re.compile(r"[\x21-\x7e]+")
 """What an HTTP header value carries as a bearer token: printable ASCII, no spaces."""
-
-
-class ApiKeyError(EngineError):
-    """The API key cannot be read or cannot be sent; the message never shows the key."""
 
 
 def read_api_key(key_file: Path | None = None, environ: Mapping[str, str] = os.environ) -> str | None:

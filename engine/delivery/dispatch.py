@@ -44,8 +44,8 @@ import httpx
 
 from .api_key import scrub
 from ..topsort.batching import Batcher
-from ..errors import EngineError
-from ..outcome import KINDS
+from ..errors import AuthenticationError, DeliveryError, DeliveryStopped, EndpointError, UnreachableError
+from ..outcome import KINDS, Rejection
 from .retry import RetryPolicy, is_transient, server_delay
 from .spool import Chunk, Spool, Spooled
 
@@ -58,22 +58,6 @@ _SETTLE_SIZE = 5000
 """Outcomes that trigger a settlement sooner."""
 _CHUNKS_AHEAD = 4
 """Chunks of input read ahead of the spool."""
-
-
-class DeliveryError(EngineError):
-    """Delivery cannot go on; undelivered events stay in the spool for the next run."""
-
-
-class AuthenticationError(DeliveryError):
-    """Topsort refused the API key (401/403)."""
-
-
-class EndpointError(DeliveryError):
-    """The endpoint does not serve Topsort's events API (404/405)."""
-
-
-class UnreachableError(DeliveryError):
-    """The endpoint never answered (see :attr:`RetryPolicy.unanswered_limit`)."""
 
 
 @dataclass(slots=True)
@@ -124,10 +108,6 @@ class Clock:
     def wait(self, stop: threading.Event, seconds: float) -> bool:
         """Wait ``seconds``, or until ``stop`` is set; True if it was."""
         return stop.wait(seconds)
-
-
-class _Stopped(Exception):
-    """Delivery is stopping: leave the rest of the batch in the spool."""
 
 
 class State(enum.Enum):
@@ -367,7 +347,7 @@ class Dispatcher:
             self._resolve(client, rows, self._send(client, rows, outcome), outcome)
         except DeliveryError as exc:
             self._inbox.put(("fatal", exc))
-        except _Stopped:
+        except DeliveryStopped:
             pass
         except Exception as exc:  # noqa: BLE001 - e.g. a value httpx cannot send: stop, keep the events
             detail = scrub(f"{type(exc).__name__}: {exc}", self._api_key)
@@ -456,7 +436,7 @@ class Dispatcher:
 
     def _sleep(self, seconds: float) -> None:
         if self._stop.is_set() or (seconds > 0 and self._clock.wait(self._stop, seconds)):
-            raise _Stopped
+            raise DeliveryStopped
 
 
 def _flat(batch: dict[str, list[Spooled]]) -> list[Spooled]:
@@ -473,16 +453,8 @@ def _body(rows: Sequence[Spooled]) -> bytes:
 
 
 def _failure(row: Spooled, refusal: _Refusal) -> tuple[Spooled, dict[str, Any]]:
-    """The rejection entry of a failed event, as its dead letter lists it."""
-    return row, {
-        "rule": row.rule,
-        "path": "$",
-        "reason": refusal.reason,
-        "item": None,
-        "kind": row.kind,
-        "id": row.event_id,
-        "errCode": refusal.err_code,
-    }
+    """The rejection of a failed event, as its dead letter lists it."""
+    return row, Rejection(row.rule, "$", refusal.reason, None, row.kind, row.event_id, refusal.err_code).to_dict()
 
 
 def _raise_if_fatal(status: int, url: str) -> None:

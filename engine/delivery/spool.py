@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from .dead_letters import DeadLetterFile, dead_letter
-from ..errors import EngineError
+from ..errors import SpoolError
 from ..outcome import Emitted, Kind
 
 from ..record import Checkpoint, Record
@@ -71,10 +71,6 @@ CREATE TABLE IF NOT EXISTS seen_messages (
 );
 CREATE INDEX IF NOT EXISTS seen_messages_by_time ON seen_messages (seen_at);
 """
-
-
-class SpoolError(EngineError):
-    """The spool file cannot be used (in use by another run, or not a spool)."""
 
 
 class Spooled(NamedTuple):

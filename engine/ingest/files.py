@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from ..errors import EngineError
+from ..errors import InputError, SourceError, SourceRefused
 from ..record import Checkpoint, OnFault, Record, SourceFault
 from ..limits import (
     DEFAULT_LIMITS,
@@ -43,14 +43,6 @@ _HEAD = 256
 """Bytes at the start of a source kept in its checkpoint, to recognise it on the next run."""
 _SKIP_CHUNK = MiB
 """Bytes read at a time while skipping the rest of an over-long line."""
-
-
-class InputError(EngineError):
-    """An input named on the command line is not there."""
-
-
-class SourceError(InputError):
-    """A source could not be read to its end (raised when no ``on_fault`` handler is given)."""
 
 
 def expand_sources(names: Iterable[str | Path]) -> list[str]:
@@ -106,7 +98,7 @@ def read_source(
             stream.seek(0)
             same = start is not None and head.startswith(start.head) and start.offset <= _size(name, stream)
             yield from _read(name, stream, head, start if same else None, limits, at, compressed)
-    except (OSError, EOFError, zlib.error, _Refused) as exc:
+    except (OSError, EOFError, zlib.error, SourceRefused) as exc:
         fault = SourceFault(name, at.line if at.opened else None, _damage(exc, at))
         if on_fault is None:
             raise SourceError(str(fault)) from None
@@ -143,13 +135,9 @@ class _Cursor:
     line: int = 0
 
 
-class _Refused(Exception):
-    """A limit stopped reading the rest of a source."""
-
-
 def _damage(exc: BaseException, at: _Cursor) -> str:
     rest = "; the rest of the file was not read" if at.opened else ""
-    if isinstance(exc, _Refused):
+    if isinstance(exc, SourceRefused):
         return f"{exc}{rest}"
     if isinstance(exc, EOFError):
         return f"the gzip data is truncated (it ends before its end marker){rest}"
@@ -255,7 +243,7 @@ class _Lines:
 
     An over-long line is skipped to its end (its first KiB kept), runs of blank lines are
     skipped a buffer at a time, and a gzipped stream that expands beyond the ratio limit is
-    refused (:class:`_Refused`).
+    refused (:class:`SourceRefused`).
     """
 
     def __init__(self, stream: BinaryIO, limits: InputLimits, compressed: BinaryIO | None, origin: str) -> None:
@@ -349,7 +337,7 @@ class _Lines:
             return
         read = max(self._compressed.tell(), 1)
         if self.offset > self._ratio * read:
-            raise _Refused(
+            raise SourceRefused(
                 f"gzip expands {self.offset / read:,.0f}× ({size(read)} → {size(self.offset)} so far), past the"
                 f" limit of {self._ratio:g}× (--max-gzip-ratio): refused as a likely gzip bomb"
             )

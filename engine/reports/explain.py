@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine
-from ..compile.fields import FieldError
+from ..errors import FieldError
 from ..outcome import Emitted, Rejection, failure_rejection
 from ..rules.rule import Output, Rule
 

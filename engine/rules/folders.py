@@ -16,11 +16,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..errors import EngineError
-
-
-class RulesFolderError(EngineError):
-    """A rules folder named on the command line is neither on disk nor in git."""
+from ..errors import RulesFolderError
 
 
 def resolve_rules_folder(name: str, cleanup: ExitStack) -> Path:

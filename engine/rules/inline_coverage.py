@@ -20,7 +20,8 @@ from typing import Any
 
 from ..topsort.coercion import COERCIONS
 from ..compile.expressions import JMESPathError, compile_expression
-from ..compile.fields import DEFAULT_ITEM, SOURCES, FieldError, is_spec, truthy
+from ..compile.fields import DEFAULT_ITEM, SOURCES, is_spec, truthy
+from ..errors import FieldError
 from .rule import TRACK, Rule
 
 _LOOKUP_KEYS = (str, int, float, bool)

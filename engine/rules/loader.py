@@ -16,11 +16,11 @@ import jsonschema
 import orjson
 
 from .checks import double_count_warnings
-from ..errors import Problem, RulesInvalid
+from ..errors import Problem, RulesInvalid, YamlSyntaxError
 from ..compile.fields import SPEC_KEYS
 from ..paths import RULES_SCHEMA
 from .rule import Rule, compile_rule
-from .yaml_source import Path_, YamlDocument, YamlSyntaxError, load_yaml
+from .yaml_source import Path_, YamlDocument, load_yaml
 
 RULE_FILE_SUFFIXES = (".yaml", ".yml")
 

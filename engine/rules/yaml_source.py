@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import YamlSyntaxError
 from ..limits import MAX_YAML_DEPTH, MAX_YAML_VALUES
 
 Path_ = tuple[str | int, ...]
@@ -39,14 +40,6 @@ class YamlDocument:
                 return self.values[path]
             path = path[:-1]
         return self.values.get(())
-
-
-class YamlSyntaxError(Exception):
-    """The file is not valid YAML; carries the position PyYAML reported."""
-
-    def __init__(self, message: str, position: Position | None) -> None:
-        super().__init__(message)
-        self.position = position
 
 
 # libyaml's parser where PyYAML was built with it (its wheels are): same nodes and marks, ~3x faster

@@ -47,7 +47,8 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..cli.options import api_key_or_exit
-from ..http_server import ServerStartError, listen, start_in_thread
+from ..http_server import listen, start_in_thread
+from ..errors import ServerStartError
 from ..outcome import KINDS
 from ..paths import TOPSORT_SCHEMA
 from ..topsort.schema import json_path, topsort_schema

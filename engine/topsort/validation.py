@@ -13,7 +13,7 @@ from typing import Any
 from ..outcome import Kind
 from .schema import json_path, topsort_schema
 
-Problem = tuple[str, str, int | None]
+Violation = tuple[str, str, int | None]
 """(JSON path, reason, index of the dropped array item or None)."""
 
 
@@ -26,7 +26,7 @@ class OutputValidator:
         self.is_valid = self._validator.is_valid
         """Whether an output is valid as it is (the fast check; :meth:`check` says why not)."""
 
-    def check(self, output: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Problem]]:
+    def check(self, output: dict[str, Any]) -> tuple[dict[str, Any] | None, list[Violation]]:
         """The output to emit (None if rejected whole) and the problems found."""
         if self._validator.is_valid(output):
             return output, []
@@ -61,7 +61,7 @@ class OutputValidator:
         return None
 
 
-def _problem(error: Any, item: int | None = None, within: str | None = None) -> Problem:
+def _problem(error: Any, item: int | None = None, within: str | None = None) -> Violation:
     path = list(error.instance_path)
     reason = _shortened(topsort_schema().reason(error))
     missing = _missing_property(error)

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...errors import ContentError, ServeError
 from ...delivery.pipeline import pack
 from ...mapping import Mapped
 from .dedupe import SeenIds
 from .metrics import Causes, Metrics
-from .settings import ServeError
 from ...record import Record
 from ...delivery.spool import Chunk, Spool, Spooled
 
@@ -35,10 +35,6 @@ _PRUNE_EVERY = 10.0
 """Seconds between two prunings of the stored messageIds."""
 ENVIRONMENT = (sqlite3.Error, OSError)
 """Failures of the machine rather than of the events: answered 503, retried by the sender."""
-
-
-class ContentError(ServeError):
-    """The spool could not store a request's events because of what they hold (not the machine)."""
 
 
 @dataclass(slots=True)

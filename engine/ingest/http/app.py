@@ -44,12 +44,13 @@ from starlette.routing import Route
 from ...delivery.pipeline import MapStep
 from ...mapping import InProcessMapper
 from ...engine import Engine
-from .body import Refused, check_event_size, parse, read_body
-from .delivery import Delivery, SpoolFull
-from .acking_spool import ContentError, Entry
+from ...errors import ContentError, RequestRefused, ServeError, SpoolFull
+from .body import check_event_size, parse, read_body
+from .delivery import Delivery
+from .acking_spool import Entry
 from .metrics import Causes, Metrics, RequestTally
 from .reload import RuleReloader
-from .settings import MAX_REQUEST_EVENTS, ServeError, ServeSettings
+from .settings import MAX_REQUEST_EVENTS, ServeSettings
 from .tracking import batch_messages, single_message, write_key_in
 from ...record import Record
 
@@ -126,14 +127,14 @@ class Receiver:
             started = time.monotonic()
             try:
                 response = await handler(request)
-            except Refused as refused:
+            except RequestRefused as refused:
                 response = _error(refused)
                 self._refusals.log(request, refused)
             except ClientDisconnect:
                 log.debug("client %s went away during %s", _client(request), request.url.path)
                 response = Response(status_code=499)  # nginx's "client closed request", for the metrics
             except Exception as exc:  # a fault of serve itself: answered 500, logged once per cause
-                response = _error(Refused(500, "internal_error", "the receiver failed on this request; retry later"))
+                response = _error(RequestRefused(500, "internal_error", "the receiver failed on this request; retry later"))
                 self._internal_error(exc)
             else:
                 if response.status_code == 200:
@@ -152,14 +153,14 @@ class Receiver:
         else:
             given = request.headers.get("x-signature", "").strip().lower().encode("latin-1")
             if not given:
-                raise Refused(401, "missing_signature", "X-Signature is required: sign the body with the shared secret")
+                raise RequestRefused(401, "missing_signature", "X-Signature is required: sign the body with the shared secret")
             try:
                 sent, body = await read_body(request, self.settings.read_timeout)
-            except Refused:
-                raise Refused(401, "bad_signature", "the body could not be read to check its X-Signature") from None
+            except RequestRefused:
+                raise RequestRefused(401, "bad_signature", "the body could not be read to check its X-Signature") from None
             expected = hmac.new(secret.encode(), sent, hashlib.sha1).hexdigest().encode()
             if not hmac.compare_digest(given, expected):
-                raise Refused(401, "bad_signature", "X-Signature does not match the body and the shared secret")
+                raise RequestRefused(401, "bad_signature", "X-Signature does not match the body and the shared secret")
         data = parse(body)
         if isinstance(data, dict):
             check_event_size(len(body), "the event")
@@ -167,13 +168,13 @@ class Receiver:
         if isinstance(data, list):
             _check_events(data, "the array")
             return await self._ingest(request, data)
-        raise Refused(400, "not_an_event", f"a webhook body is an event (a JSON object) or an array of them,"
+        raise RequestRefused(400, "not_an_event", f"a webhook body is an event (a JSON object) or an array of them,"
                                            f" not {_kind(data)}")
 
     async def _tracking(self, request: Request) -> Response:
         call = request.path_params["call"]
         if call not in _CALLS and call not in _BATCH_PATHS and call != _TELEMETRY:
-            raise Refused(404, "not_found", f"no Tracking API path /v1/{call}")
+            raise RequestRefused(404, "not_found", f"no Tracking API path /v1/{call}")
         if request.method == "OPTIONS":
             return self._preflight(request)
         if call == _TELEMETRY:
@@ -187,17 +188,17 @@ class Receiver:
             try:
                 _, body = await read_body(request, self.settings.read_timeout)
                 data = parse(body)
-            except Refused:
-                raise Refused(401, "missing_write_key", missing) from None
+            except RequestRefused:
+                raise RequestRefused(401, "missing_write_key", missing) from None
             self._check_write_key(write_key_in(data), missing)
         received = datetime.now(UTC)
         if call in _BATCH_PATHS:
             if not isinstance(data, dict) or not isinstance(data.get("batch"), list):
-                raise Refused(400, "bad_request", 'a batch is a JSON object with a "batch" array of events')
+                raise RequestRefused(400, "bad_request", 'a batch is a JSON object with a "batch" array of events')
             _check_events(data["batch"], "the batch")
             return await self._ingest(request, batch_messages(data, received))
         if not isinstance(data, dict):
-            raise Refused(400, "not_an_event", f"{request.url.path} takes one event, a JSON object, not {_kind(data)}")
+            raise RequestRefused(400, "not_an_event", f"{request.url.path} takes one event, a JSON object, not {_kind(data)}")
         check_event_size(len(body), "the event")
         return await self._ingest(request, [single_message(data, _CALLS[call], received)])
 
@@ -228,11 +229,11 @@ class Receiver:
 
     def _check_write_key(self, key: str | None, missing: str) -> None:
         if key is None:
-            raise Refused(401, "missing_write_key", missing)
+            raise RequestRefused(401, "missing_write_key", missing)
         given = key.encode()
         matches = [hmac.compare_digest(given, known.encode()) for known in self.settings.write_keys]  # no timing hint
         if not any(matches):
-            raise Refused(401, "bad_write_key", "the write key is not one this receiver accepts")
+            raise RequestRefused(401, "bad_write_key", "the write key is not one this receiver accepts")
 
     def _cors(self, request: Request) -> dict[str, str]:
         origin = request.headers.get("origin")
@@ -244,7 +245,7 @@ class Receiver:
 
     def _preflight(self, request: Request) -> Response:
         if not self._cors(request):
-            raise Refused(403, "origin_not_allowed", "this origin may not call the Tracking API here"
+            raise RequestRefused(403, "origin_not_allowed", "this origin may not call the Tracking API here"
                                                      " (serve --cors-origin)")
         return Response(status_code=204, headers={
             "Access-Control-Allow-Methods": "POST, OPTIONS", "Access-Control-Allow-Headers": _CORS_ALLOW_HEADERS,
@@ -255,13 +256,13 @@ class Receiver:
 
     async def _ingest(self, request: Request, events: list[Any]) -> Response:
         if len(events) > MAX_REQUEST_EVENTS:
-            raise Refused(413, "too_many_events", f"{len(events)} events in one request; at most {MAX_REQUEST_EVENTS}")
+            raise RequestRefused(413, "too_many_events", f"{len(events)} events in one request; at most {MAX_REQUEST_EVENTS}")
         try:
             reservation = self._delivery.admit(len(events))
         except SpoolFull as exc:
-            raise Refused(503, "spool_full", str(exc), self._retry_after()) from None
+            raise RequestRefused(503, "spool_full", str(exc), self._retry_after()) from None
         except ServeError as exc:
-            raise Refused(503, "unavailable", f"{exc}; nothing was kept, retry later", self._retry_after()) from None
+            raise RequestRefused(503, "unavailable", f"{exc}; nothing was kept, retry later", self._retry_after()) from None
         try:
             self._requests += 1
             mapped = await run_in_threadpool(self._map, f"{request.url.path}#{self._requests}", events)
@@ -271,9 +272,9 @@ class Receiver:
                 try:
                     dropped = await asyncio.wrap_future(self._delivery.submit(mapped.entries, mapped.received))
                 except ContentError as exc:
-                    raise Refused(500, "not_stored", str(exc)) from None
+                    raise RequestRefused(500, "not_stored", str(exc)) from None
                 except ServeError as exc:
-                    raise Refused(503, "unavailable", f"{exc}; nothing was kept", self._retry_after()) from None
+                    raise RequestRefused(503, "unavailable", f"{exc}; nothing was kept", self._retry_after()) from None
         finally:
             reservation.release()
         tally = RequestTally()
@@ -335,7 +336,7 @@ class _RefusalLog:
         self._skipped = 0
         self._lock = threading.Lock()
 
-    def log(self, request: Request, refused: Refused) -> None:
+    def log(self, request: Request, refused: RequestRefused) -> None:
         now = time.monotonic()
         with self._lock:
             self._tokens = min(_REFUSAL_LOG_BURST, self._tokens + (now - self._at) * _REFUSAL_LOG_PER_SECOND)
@@ -352,7 +353,7 @@ class _RefusalLog:
 
 def _check_events(items: list[Any], what: str) -> None:
     if items and not any(isinstance(item, dict) for item in items):
-        raise Refused(400, "not_an_event", f"{what} holds no event (JSON object)")
+        raise RequestRefused(400, "not_an_event", f"{what} holds no event (JSON object)")
 
 
 def _kind(value: Any) -> str:
@@ -367,15 +368,15 @@ def _basic_user(header: str) -> str:
     """The user name of an ``Authorization: Basic`` header (Segment's write key)."""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "basic":
-        raise Refused(401, "bad_authorization", "the Authorization header is not Basic with the write key as user")
+        raise RequestRefused(401, "bad_authorization", "the Authorization header is not Basic with the write key as user")
     try:
         decoded = base64.b64decode(token.strip(), validate=True).decode()
     except (binascii.Error, UnicodeDecodeError):
-        raise Refused(401, "bad_authorization", "the Basic authorization header is not valid base64") from None
+        raise RequestRefused(401, "bad_authorization", "the Basic authorization header is not valid base64") from None
     return decoded.partition(":")[0]
 
 
-def _error(refused: Refused) -> Response:
+def _error(refused: RequestRefused) -> Response:
     body = {"success": False, "error": refused.error, "reason": refused.reason,
             "code": refused.error, "message": refused.reason}
     return _json(refused.status, body, refused.headers)

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
+from ...errors import RequestRefused
 from ...limits import MAX_DEPTH, too_deep
 from .settings import MAX_EVENT_BYTES, MAX_REQUEST_BYTES
 
@@ -22,23 +23,15 @@ _PIECE = 64 * 1024
 """Most decompressed bytes produced per step."""
 
 
-class Refused(Exception):
-    """A request answered with an error: its status, a short code and a reason the sender can act on."""
-
-    def __init__(self, status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.error, self.reason, self.headers = status, error, reason, headers or {}
-
-
 async def read_body(request: Request, timeout: float) -> tuple[bytes, bytes]:
     """The body as sent and decompressed: refused with 413 past the request limit, 408 past ``timeout``."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "", "gzip", "x-gzip", "deflate"):
-        raise Refused(415, "unsupported_encoding",
+        raise RequestRefused(415, "unsupported_encoding",
                       f"Content-Encoding {encoding!r} is not supported; send plain, gzip or deflate bodies")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
-        raise Refused(413, "request_too_large", f"{declared} bytes; at most {MAX_REQUEST_BYTES} per request")
+        raise RequestRefused(413, "request_too_large", f"{declared} bytes; at most {MAX_REQUEST_BYTES} per request")
     inflate = _Inflater(encoding) if encoding not in ("identity", "") else None
     sent: list[bytes] = []
     plain: list[bytes] = []
@@ -48,17 +41,17 @@ async def read_body(request: Request, timeout: float) -> tuple[bytes, bytes]:
             async for part in _pieces(request):
                 sent_size += len(part)
                 if sent_size > MAX_REQUEST_BYTES:
-                    raise Refused(413, "request_too_large", f"more than {MAX_REQUEST_BYTES} bytes in one request")
+                    raise RequestRefused(413, "request_too_large", f"more than {MAX_REQUEST_BYTES} bytes in one request")
                 sent.append(part)
                 for piece in inflate.feed(part) if inflate else (part,):
                     size += len(piece)
                     if size > MAX_REQUEST_BYTES:
-                        raise Refused(413, "request_too_large",
+                        raise RequestRefused(413, "request_too_large",
                                       f"more than {MAX_REQUEST_BYTES} bytes in one request once decompressed"
                                       f" ({sent_size} compressed bytes read so far)")
                     plain.append(piece)
     except TimeoutError:
-        raise Refused(408, "request_timeout", f"the body was not received within {timeout:g} s") from None
+        raise RequestRefused(408, "request_timeout", f"the body was not received within {timeout:g} s") from None
     if inflate:
         inflate.finish()
         return b"".join(sent), b"".join(plain)
@@ -90,7 +83,7 @@ class _Inflater:
     def finish(self) -> None:
         if self._inflate is None or not self._inflate.eof:
             what = "gzip" if self._gzip else "deflate"
-            raise Refused(400, "bad_encoding", f"the {what} body is truncated")
+            raise RequestRefused(400, "bad_encoding", f"the {what} body is truncated")
 
     def _next(self, data: bytes) -> bytes:
         """Decompress up to ``_PIECE`` bytes of ``data`` (and what is left of earlier input)."""
@@ -107,26 +100,26 @@ class _Inflater:
                 data = inflate.unused_data + data
                 self._inflate = inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
             elif inflate.unused_data.strip(b"\0") or data.strip(b"\0"):
-                raise Refused(400, "bad_encoding", "bytes follow the end of the compressed body")
+                raise RequestRefused(400, "bad_encoding", "bytes follow the end of the compressed body")
             else:
                 return b""
         try:
             return inflate.decompress(inflate.unconsumed_tail + data, _PIECE)
         except zlib.error as exc:
-            raise Refused(400, "bad_encoding", f"the body cannot be decompressed: {exc}") from None
+            raise RequestRefused(400, "bad_encoding", f"the body cannot be decompressed: {exc}") from None
 
 
 def parse(body: bytes) -> Any:
     """The JSON value of a body, or 400 (also for one nested deeper than events may be)."""
     if too_deep(body):
-        raise Refused(400, "too_deep", f"the body nests deeper than {MAX_DEPTH} levels, as no input may")
+        raise RequestRefused(400, "too_deep", f"the body nests deeper than {MAX_DEPTH} levels, as no input may")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise Refused(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+        raise RequestRefused(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
 
 
 def check_event_size(size: int, what: str) -> None:
     """Refuse an event over Segment's 32 KB limit with 413."""
     if size > MAX_EVENT_BYTES:
-        raise Refused(413, "event_too_large", f"{what} is {size} bytes; at most {MAX_EVENT_BYTES} per event")
+        raise RequestRefused(413, "event_too_large", f"{what} is {size} bytes; at most {MAX_EVENT_BYTES} per event")

@@ -21,11 +21,11 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
-from ...delivery.dispatch import DeliveryError, Dispatcher
-from ...errors import EngineError
+from ...delivery.dispatch import Dispatcher
+from ...errors import DeliveryError, EngineError, ServeError, SpoolFull
 from .dedupe import SeenIds
 from .metrics import Metrics
-from .settings import ServeError, ServeSettings
+from .settings import ServeSettings
 from .acking_spool import ENVIRONMENT, AckingSpool, Batch, Entry, Submission, Trouble
 from ...delivery.spool import Spool
 
@@ -35,10 +35,6 @@ _MERGE_INPUTS = 5000
 """Most input events committed to the spool in one transaction (from several requests)."""
 _ENDED = object()
 """Taken from the queue by a dispatcher's reader after that dispatcher ended."""
-
-
-class SpoolFull(ServeError):
-    """Too many events wait for delivery (or are being received) to take more now."""
 
 
 class Reservation:

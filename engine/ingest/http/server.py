@@ -32,11 +32,11 @@ import click
 import uvicorn
 
 from ...cli.options import api_key_or_exit, delivery_tuning, rules_option
-from ...errors import EngineError, RulesInvalid
-from ...http_server import ServerStartError, head_deadline_protocol, listen, start_in_thread
+from ...errors import EngineError, RulesInvalid, ServeError, ServerStartError
+from ...http_server import head_deadline_protocol, listen, start_in_thread
 from ...delivery.retry import RetryPolicy
 from .app import Receiver
-from .settings import MAX_EVENT_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_EVENTS, ServeError, ServeSettings
+from .settings import MAX_EVENT_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_EVENTS, ServeSettings
 
 __all__ = ["MAX_EVENT_BYTES", "MAX_REQUEST_BYTES", "MAX_REQUEST_EVENTS", "Receiver", "ServeError", "ServeSettings",
            "Server", "serve_command"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import EngineError
 from ...delivery.pipeline import DeliveryTarget
 from ...delivery.retry import RetryPolicy
 
@@ -13,10 +12,6 @@ MAX_EVENT_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 MAX_REQUEST_EVENTS = 2500
 """Segment's Tracking API limits, applied to every request (sizes counted after decompression)."""
-
-
-class ServeError(EngineError):
-    """The receiver cannot take events: its spool could not be opened or written, or delivery stopped."""
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,14 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from rich.console import Console
 
 from ...cli.options import api_key_or_exit, delivery_tuning, rules_option
-from ...delivery.dispatch import DeliveryError
+from ...errors import DeliveryError, EngineError, InputError, KafkaSetupError
 from ...delivery.pipeline import DeliveryTarget
 from ...mapping import InProcessMapper
 from ...engine import Engine
-from ...errors import EngineError
-from .settings import ENV_PREFIX, KafkaSetupError, kafka_settings, message_key, produce, producer_settings
+from .settings import ENV_PREFIX, kafka_settings, message_key, produce, producer_settings
 from .worker import KafkaWorker
 from ...delivery.retry import RetryPolicy
-from ..files import STDIN, InputError, read_records
+from ..files import STDIN, read_records
 
 _FLUSH_SECONDS = 30.0
 

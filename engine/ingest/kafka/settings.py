@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from confluent_kafka import Producer
 
-from ...errors import EngineError
+from ...errors import KafkaSetupError
 
 ENV_PREFIX = "SEGMENT_TOPSORT_KAFKA_"
 """Environment variables with this prefix are librdkafka settings: ``_`` stands for ``.``."""
@@ -41,10 +41,6 @@ PRODUCER_ONLY = frozenset({
     "partitioner",
 })
 """librdkafka's producer properties (``P`` in its CONFIGURATION.md) that users set."""
-
-
-class KafkaSetupError(EngineError):
-    """The Kafka settings cannot be used."""
 
 
 def kafka_settings(

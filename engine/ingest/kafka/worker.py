@@ -31,7 +31,7 @@ from rich.console import Console
 from ...delivery.dispatch import Dispatcher
 from ...delivery.pipeline import DeadLetterSink, MapStep
 from ...mapping import Mapper
-from ...errors import EngineError
+from ...errors import DeadLetterTopicError
 from .settings import consumer_settings, message_key, produce, producer_settings
 from ..files import decode_line
 from ...delivery.spool import Chunk, Spool
@@ -53,10 +53,6 @@ _END = object()
 """Put in the hand-over queue after the last chunk."""
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-class DeadLetterTopicError(EngineError):
-    """Dead letters could not be written to their topic; they are kept and written again later."""
 
 
 class Partition(NamedTuple):
