@@ -8,7 +8,7 @@ from typing import Any
 from .rules.loader import RuleSet, load_rules
 from .outcome import Emitted, Outcome, Rejection, failure_rejection
 from .paths import BUNDLED_RULES
-from .compile.routing import Router
+from .rules.routing import Router
 from .rules.rule import Rule
 from .record import Record
 

@@ -32,10 +32,7 @@ event is a :class:`~engine.outcome.Rejection`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from .rules.yaml_source import Position
+from typing import Any, Literal
 
 
 class EngineError(Exception):
@@ -83,9 +80,10 @@ class RulesFolderError(EngineError):
 
 
 class YamlSyntaxError(EngineError):
-    """The file is not valid YAML; carries the position PyYAML reported."""
+    """The file is not valid YAML; carries the position PyYAML reported (a
+    :class:`~engine.rules.yaml_source.Position`, or None)."""
 
-    def __init__(self, message: str, position: Position | None) -> None:
+    def __init__(self, message: str, position: Any) -> None:
         super().__init__(message)
         self.position = position
 

@@ -14,9 +14,8 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from .delivery.dead_letters import rejected_input
 from .engine import Engine
-from .outcome import Kind, Rejection
+from .outcome import Kind, Rejection, rejected_input
 from .record import Record
 
 

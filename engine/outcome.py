@@ -1,8 +1,14 @@
-"""What became of one input event: emitted Topsort events, rejections, or neither (skipped)."""
+"""What became of one input event: emitted Topsort events, rejections, or neither (skipped); and
+the dead-letter record that keeps an event with rejections (its shape: :mod:`engine.delivery.dead_letters`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
+
+from .limits import encodable
+from .record import Record
 
 Kind = Literal["impressions", "clicks", "purchases", "pageviews"]
 KINDS: tuple[Kind, ...] = ("impressions", "clicks", "purchases", "pageviews")
@@ -85,3 +91,43 @@ class Outcome(NamedTuple):
             "rejected": [r.to_dict() for r in self.rejected],
             "skipped": self.skipped,
         }
+
+
+Stage = Literal["decode", "map", "deliver"]
+
+
+def dead_letter(
+    *,
+    stage: Stage,
+    rejected: Sequence[dict[str, Any]],
+    event: Any = None,
+    raw: bytes | None = None,
+    origin: str | None = None,
+    line: int | None = None,
+) -> dict[str, Any]:
+    """Build one dead-letter record (see the module docstring for its shape)."""
+    record: dict[str, Any] = {
+        "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "stage": stage,
+        "origin": origin,
+        "line": line,
+        "messageId": event.get("messageId") if isinstance(event, dict) else None,
+        "rejected": list(rejected),
+    }
+    if raw is not None and (event is None or not encodable([event])):  # one level down, as in the record
+        record["raw"] = raw.decode("utf-8", "replace")  # what orjson cannot write again is kept as read
+    else:
+        record["event"] = event
+    return record
+
+
+def rejected_input(record: Record, outcome: Outcome) -> dict[str, Any]:
+    """The dead-letter record of an input line whose outcome holds rejections (decode or map)."""
+    return dead_letter(
+        stage="decode" if record.error else "map",
+        rejected=[r.to_dict() for r in outcome.rejected],
+        event=record.event,
+        raw=record.raw,
+        origin=record.origin,
+        line=record.line,
+    )

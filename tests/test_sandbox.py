@@ -13,7 +13,8 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from engine.sandbox.server import Faults, Sandbox, sandbox_command
+from engine.cli.sandbox import sandbox_command
+from engine.sandbox.server import Faults, Sandbox
 
 KEY = "sk_test_sandbox-secret-0123456789"
 

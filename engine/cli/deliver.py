@@ -39,6 +39,8 @@ from .options import (
     EXIT_INPUT_SKIPPED,
     api_key_or_exit,
     delivery_tuning,
+    endpoint_or_exit,
+    engine_or_exit,
     input_limits,
     limits_from,
     report_fault,
@@ -131,7 +133,7 @@ def run_command(
     Events wait in the spool until Topsort accepts them or they are dead-lettered; run again
     with the same files after a crash or a stop, and it resumes where it stopped.
     """
-    engine = _engine(rule_dirs)
+    engine = engine_or_exit(rule_dirs)
     try:
         sources = expand_sources(files or (STDIN,))
     except InputError as exc:
@@ -180,7 +182,7 @@ def replay_command(
     if dead_letters.resolve() == dead_letter_file.resolve():
         raise click.UsageError("--dead-letters must not be the file being replayed")
     target = _target(dead_letters=dead_letters, **settings)
-    engine = _engine(rule_dirs)
+    engine = engine_or_exit(rule_dirs)
     _deliver("replay", engine, target,
              lambda spool, limits, on_fault: [_open_replay(dead_letter_file, spool, limits, on_fault)])
 
@@ -304,8 +306,7 @@ def _target(
     api_key = api_key or api_key_or_exit(api_key_file, _NO_TARGET)
     if not endpoint:
         raise click.UsageError(_NO_TARGET)
-    if not endpoint.startswith(("http://", "https://")):
-        raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
+    endpoint_or_exit(endpoint)
     limits = limits_from(tuning)
     retry_time = tuning["max_retry_time"]
     delivery = DeliveryTarget(
@@ -314,13 +315,6 @@ def _target(
                                                       unanswered_limit=min(UNANSWERED_LIMIT, retry_time)),
     )
     return _Target(delivery, spool_path, dead_letters, limits)
-
-
-def _engine(rule_dirs: tuple[Path, ...]) -> Engine:
-    try:
-        return Engine.from_folders(*rule_dirs)
-    except EngineError as exc:
-        raise click.ClickException(f"{exc}\nRun `segment-topsort check` for details.") from None
 
 
 @contextmanager

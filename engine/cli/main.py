@@ -38,10 +38,10 @@ class _LazyGroup(click.Group):
     _LAZY = {
         "run": "engine.cli.deliver:run_command",
         "replay": "engine.cli.deliver:replay_command",
-        "sandbox": "engine.sandbox.server:sandbox_command",
-        "serve": "engine.ingest.http.server:serve_command",
-        "consume": "engine.ingest.kafka.commands:consume_command",
-        "produce": "engine.ingest.kafka.commands:produce_command",
+        "sandbox": "engine.cli.sandbox:sandbox_command",
+        "serve": "engine.cli.serve:serve_command",
+        "consume": "engine.cli.kafka:consume_command",
+        "produce": "engine.cli.kafka:produce_command",
         "diff": "engine.cli.rule_reports:diff_command",
         "coverage": "engine.cli.rule_reports:coverage_command",
     }
@@ -60,17 +60,6 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="segment-topsort")
 def main() -> None:
     """Turn Segment events into Topsort ad events with YAML + JMESPath rules."""
-
-
-@main.command("bench", context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_command(args: tuple[str, ...]) -> None:
-    """Benchmark the engine (needs a checkout's benchmarks/); `bench --help` lists its options."""
-    try:
-        from benchmarks.__main__ import main as bench
-    except ImportError:
-        raise click.ClickException("the benchmark runs from a source checkout (benchmarks/ beside engine/)") from None
-    bench.main(list(args), prog_name="segment-topsort bench")
 
 
 @main.command()

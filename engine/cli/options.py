@@ -12,8 +12,9 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from ..engine import Engine
 from ..delivery.api_key import read_api_key
-from ..errors import ApiKeyError, RulesFolderError
+from ..errors import ApiKeyError, EngineError, RulesFolderError
 from ..limits import MAX_GZIP_RATIO, MAX_LINE_BYTES, InputLimits
 from ..rules.folders import resolve_rules_folder
 from ..record import SourceFault
@@ -119,3 +120,18 @@ def api_key_or_exit(key_file: Path | None, missing: str) -> str:
     if key is None:
         raise click.UsageError(missing)
     return key
+
+
+def endpoint_or_exit(endpoint: str) -> str:
+    """``endpoint``, or a usage error when it is not an http(s) URL."""
+    if not endpoint.startswith(("http://", "https://")):
+        raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
+    return endpoint
+
+
+def engine_or_exit(rule_dirs: tuple[Path, ...]) -> Engine:
+    """The engine of ``rule_dirs`` (default: the bundled rules), or an error naming what is wrong."""
+    try:
+        return Engine.from_folders(*rule_dirs)
+    except EngineError as exc:
+        raise click.ClickException(f"{exc}\nRun `segment-topsort check` for details.") from None

@@ -1,1 +1,1 @@
-"""From a rule's YAML to Python: JMESPath compiled to closures, custom functions, generated mapping code, routing."""
+"""From a rule's YAML to Python: JMESPath compiled to closures, custom functions, generated mapping code."""

@@ -37,10 +37,12 @@ from ..topsort.conform import conformer, native_type
 from .expressions import ExpressionSyntaxError, compile_expression, function_problems, referenced_names
 from ..outcome import KINDS
 from ..topsort.schema import SchemaNode, needs, topsort_schema
-from ..rules.yaml_source import Path_
+
 
 Evaluate = Callable[[Any], Any]
 Report = Callable[..., None]
+Path_ = tuple[str | int, ...]
+"""Where a field is in its rule's YAML document (as :mod:`engine.rules.yaml_source` keys positions)."""
 
 SOURCES = ("from", "const", "first", "merge", "fields")
 SPEC_KEYS = frozenset((*SOURCES, "each", "item", "if", "lookup", "default", "as"))

@@ -16,22 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import jmespath.functions
-import orjson
 from jmespath.functions import signature
 
-
-def to_text(value: Any) -> str:
-    """A scalar as Segment would send it as a string: strings as they are, anything else as JSON."""
-    kind = value.__class__
-    if kind is str:
-        return value
-    if kind is int:
-        return str(value)
-    if kind is float and value.is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    if isinstance(value, str):
-        return str(value)
-    return orjson.dumps(value).decode()
+from ..topsort.coercion import to_text
 
 
 class EngineFunctions(jmespath.functions.Functions):

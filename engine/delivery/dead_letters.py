@@ -12,56 +12,15 @@ Lines are written whole and flushed at once, so a crash never leaves half a reco
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import orjson
 
-from ..limits import encodable
-from ..outcome import Outcome
-from ..record import Record
+from ..outcome import dead_letter, rejected_input
 
-Stage = Literal["decode", "map", "deliver"]
-
-
-def dead_letter(
-    *,
-    stage: Stage,
-    rejected: Sequence[dict[str, Any]],
-    event: Any = None,
-    raw: bytes | None = None,
-    origin: str | None = None,
-    line: int | None = None,
-) -> dict[str, Any]:
-    """Build one dead-letter record (see the module docstring for its shape)."""
-    record: dict[str, Any] = {
-        "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "stage": stage,
-        "origin": origin,
-        "line": line,
-        "messageId": event.get("messageId") if isinstance(event, dict) else None,
-        "rejected": list(rejected),
-    }
-    if raw is not None and (event is None or not encodable([event])):  # one level down, as in the record
-        record["raw"] = raw.decode("utf-8", "replace")  # what orjson cannot write again is kept as read
-    else:
-        record["event"] = event
-    return record
-
-
-def rejected_input(record: Record, outcome: Outcome) -> dict[str, Any]:
-    """The dead-letter record of an input line whose outcome holds rejections (decode or map)."""
-    return dead_letter(
-        stage="decode" if record.error else "map",
-        rejected=[r.to_dict() for r in outcome.rejected],
-        event=record.event,
-        raw=record.raw,
-        origin=record.origin,
-        line=record.line,
-    )
-
+__all__ = ["DeadLetterFile", "dead_letter", "read_dead_letters", "rejected_input"]
 
 class DeadLetterFile:
     """Appends dead-letter records to an NDJSON file (created on first write)."""

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from ..compile.functions import to_text
+import orjson
 
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _INTEGER = re.compile(r"-?\d+")
@@ -21,6 +21,20 @@ _RFC3339 = re.compile(
 )
 _INTEGER_DIGITS = 19  # longer integer strings are read as floats: validation bounds them, int() may refuse
 _SECONDS_BELOW = 10**11  # an epoch number under this is seconds (in ms it would be before 1973)
+
+
+def to_text(value: Any) -> str:
+    """A scalar as Segment would send it as a string: strings as they are, anything else as JSON."""
+    kind = value.__class__
+    if kind is str:
+        return value
+    if kind is int:
+        return str(value)
+    if kind is float and value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    if isinstance(value, str):
+        return str(value)
+    return orjson.dumps(value).decode()
 
 
 def to_string(value: Any) -> Any:

@@ -22,15 +22,14 @@ import click
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from rich.console import Console
 
-from ...cli.options import api_key_or_exit, delivery_tuning, rules_option
-from ...errors import DeliveryError, EngineError, InputError, KafkaSetupError
-from ...delivery.pipeline import DeliveryTarget
-from ...mapping import InProcessMapper
-from ...engine import Engine
-from .settings import ENV_PREFIX, kafka_settings, message_key, produce, producer_settings
-from .worker import KafkaWorker
-from ...delivery.retry import RetryPolicy
-from ..files import STDIN, read_records
+from ..delivery.pipeline import DeliveryTarget
+from ..delivery.retry import RetryPolicy
+from ..errors import DeliveryError, EngineError, InputError, KafkaSetupError
+from ..ingest.files import STDIN, read_records
+from ..ingest.kafka.settings import ENV_PREFIX, kafka_settings, message_key, produce, producer_settings
+from ..ingest.kafka.worker import KafkaWorker
+from ..mapping import InProcessMapper
+from .options import api_key_or_exit, delivery_tuning, endpoint_or_exit, engine_or_exit, rules_option
 
 _FLUSH_SECONDS = 30.0
 
@@ -120,13 +119,9 @@ def consume_command(
     are delivered or dead-lettered (at least once; Topsort deduplicates by event id).
     """
     api_key = api_key_or_exit(None, "consume needs the Topsort API key in TOPSORT_API_KEY")
-    if not endpoint.startswith(("http://", "https://")):
-        raise click.UsageError(f"--endpoint must be an http:// or https:// URL, not {endpoint!r}")
+    endpoint_or_exit(endpoint)
     settings = _settings_or_usage_error(config_file, bootstrap_servers)
-    try:
-        engine = Engine.from_folders(*rule_dirs)
-    except EngineError as exc:
-        raise click.ClickException(f"{exc}\nRun `segment-topsort check` for details.") from None
+    engine = engine_or_exit(rule_dirs)
     dead_letter_topic = dead_letter_topic or f"{topic}.dead-letters"
     try:
         worker = KafkaWorker(InProcessMapper(engine), settings, topic=topic, group=group, dead_letter_topic=dead_letter_topic,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..rules.rule import TRACK, Rule
+from .rule import TRACK, Rule
 
 
 class Router:
