@@ -9,6 +9,8 @@ tests hold it to that.
 
 Every closure is pure: it captures only immutable compile-time data and copies mutable
 literals on each call, so one compiled expression may be used from many threads at once.
+
+One cohesive thing (one compiler over JMESPath's AST, node by node), hence over 350 lines.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ means its events are sent again, under the same ids, which Topsort deduplicates.
 
 Requests go through ``transport`` when one is given (``httpx.MockTransport`` in unit tests, any
 ``httpx.BaseTransport`` in a library), and retries wait by ``clock`` (a :class:`Clock`).
+
+One cohesive thing (the delivery loop, its batches and their requests), hence over 350 lines.
 """
 
 from __future__ import annotations

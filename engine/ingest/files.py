@@ -5,6 +5,8 @@ archive ``segment-logs/<source-id>/<day>/…gz``) or a glob. Each file may be gz
 first bytes, not its name) and holds either NDJSON — one event, or one ``{"batch": [...]}`` body,
 per line; streamed in constant memory — or one JSON document: an array of events, a batch body
 or a single event (read whole, as Segment's webhook and batch bodies are small).
+
+One cohesive thing (reading file sources within the limits, resumably), hence over 350 lines.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ uvicorn with its own HTTP protocol class (uvicorn's h11 protocol, passed through
 a drop aborts that transport once its body is read, so the client sees the connection close with
 no answer at all. This works when the sandbox is served by :class:`Sandbox` or the CLI, which
 always use that protocol.
+
+One cohesive thing (the stand-in: its faults, store and service), hence over 350 lines.
 """
 
 from __future__ import annotations

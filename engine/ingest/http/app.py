@@ -17,6 +17,8 @@ failure to read a body that must prove itself is answered 401, so an unauthentic
 learns nothing of the limits. Every refusal is answered with JSON ``{error, reason, code,
 message}`` (``code``/``message`` being what Segment's libraries log) and logged on one line,
 at most a few lines a second.
+
+One cohesive thing (the HTTP application and its refusals), hence over 350 lines.
 """
 
 from __future__ import annotations
