@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from engine.delivery.dead_letters import read_dead_letters
+from engine.delivery.pipeline import deliver
 from engine.delivery.dispatch import AuthenticationError, Dispatcher, EndpointError
 from engine.errors import EngineError
 from engine.outcome import Emitted
@@ -106,7 +107,7 @@ def test_a_partial_batch_leaves_after_the_maximum_latency(sandbox: Sandbox, tmp_
             seen_after.append(time.monotonic() - started)
             time.sleep(0.3)  # let the spool settle and empty
 
-    Dispatcher(spool, endpoint=sandbox.url, api_key=KEY, max_latency=0.3).run(chunks())
+    deliver(Dispatcher(spool, endpoint=sandbox.url, api_key=KEY, max_latency=0.3), chunks())
     assert sorted(_stored_ids(sandbox)) == sorted(f"imp-{n}" for n in range(6))
     assert all(after < 1.5 for after in seen_after), seen_after
     assert spool.unsent == 0

@@ -15,9 +15,10 @@ import httpx
 import orjson
 import pytest
 
+from engine.delivery.pipeline import deliver
 from engine.delivery.dispatch import AuthenticationError, Clock, Dispatcher, EndpointError, State
 from engine.delivery.retry import RetryPolicy
-from engine.delivery.spool import Spool
+from engine.delivery.spool import Chunk, Spool
 
 from .test_dispatch import _dead_letters, _impression, _purchase, _spool
 
@@ -285,7 +286,7 @@ def _dispatcher(spool: Spool, handler: Handler, **options: Any) -> tuple[Dispatc
 
 def _endless(dispatcher: Dispatcher) -> Iterator[Any]:
     """Input that never ends by itself (a consumer, a server): it only waits until delivery stops."""
-    while dispatcher.state in (State.RUNNING, State.DRAINING):
+    while dispatcher.state not in (State.STOPPING, State.STOPPED):
         time.sleep(0.01)
     yield from ()
 
@@ -309,7 +310,7 @@ def test_a_drain_timeout_delivers_what_is_spooled_then_ends_an_endless_input(tmp
     threading.Timer(0.2, dispatcher.stop, args=(0.5,)).start()
 
     started = time.monotonic()
-    stats = dispatcher.run(_endless(dispatcher))
+    stats = deliver(dispatcher, _endless(dispatcher))
 
     assert 0.6 <= time.monotonic() - started < 5
     assert dispatcher.state is State.STOPPED
@@ -334,8 +335,22 @@ def test_stop_now_answers_the_request_in_flight_and_leaves_the_rest_in_the_spool
         release.set()
 
     threading.Thread(target=stop_while_in_flight).start()
-    stats = dispatcher.run(_endless(dispatcher))
+    stats = deliver(dispatcher, _endless(dispatcher))
 
     assert dispatcher.state is State.STOPPED
     assert len(topsort.requests) == 1 and stats.delivered == 50   # the request in flight was answered, settled
     assert spool.unsent == 70                                      # the rest waits for the next run
+
+
+def test_a_failing_input_is_raised_by_deliver_and_a_stopped_dispatcher_takes_no_more(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, [_impression(n) for n in range(3)])
+    dispatcher, _ = _dispatcher(spool, lambda _r: httpx.Response(204))
+
+    def broken() -> Iterator[Chunk]:
+        yield Chunk()
+        raise ValueError("the input broke")
+
+    with pytest.raises(ValueError, match="the input broke"):
+        deliver(dispatcher, broken())
+    assert dispatcher.state is State.STOPPED
+    assert dispatcher.offer(Chunk()) is False

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from engine import Engine
 from engine.cli.main import main
 from engine.delivery.dead_letters import read_dead_letters
+from engine.delivery.pipeline import deliver
 from engine.delivery.dispatch import Dispatcher
 
 from engine.delivery.retry import RetryPolicy
@@ -203,7 +204,7 @@ def test_5_dispatch_never_writes_the_authorization_header_into_a_reason(sandbox:
         chunk = Chunk()
         chunk.add(Record("events", 1, orjson.dumps(event), event=event), emitted)
         dispatcher = Dispatcher(spool, endpoint=sandbox.url, api_key=bad_key, policy=RetryPolicy(max_elapsed=0.3))
-        dispatcher.run([chunk])
+        deliver(dispatcher, [chunk])
         spool.export_dead_letters(tmp_path / "dead.ndjson")
     text = (tmp_path / "dead.ndjson").read_text()
     assert "Bearer <API key>" in text

@@ -48,7 +48,7 @@ from .options import (
 )
 from ..delivery.dispatch import Dispatcher
 from ..errors import DeliveryError, EngineError
-from ..delivery.pipeline import DeliveryTarget, MapStep, Pipeline, Source
+from ..delivery.pipeline import DeliveryTarget, MapStep, Pipeline, Source, deliver
 from ..engine import Engine
 from ..limits import InputLimits
 from ..delivery.retry import RetryPolicy
@@ -220,7 +220,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
                     exported += spool.export_dead_letters(target.dead_letters)
                     show()
 
-                dispatcher.run(ingest.chunks(inputs(spool, target.limits, partial(report_fault, stderr, tally))), tick)
+                deliver(dispatcher, ingest.chunks(inputs(spool, target.limits, partial(report_fault, stderr, tally))), tick)
         except (DeliveryError, OSError) as exc:
             failure = exc
         finally:

@@ -1,7 +1,9 @@
 """Deliver spooled events to Topsort's ``POST /v2/events``.
 
-:meth:`Dispatcher.run` commits incoming chunks of mapped input to the spool and delivers what the
-spool holds, in spool order, so events left by an earlier run go first. Events are packed by
+:meth:`Dispatcher.run` drains the spool, in spool order, so events left by an earlier run go first.
+It owns the spool while it runs (SQLite connections stay on one thread), so chunks of mapped input
+are handed to it with :meth:`Dispatcher.offer` (from the pipeline's thread, see
+:func:`engine.delivery.pipeline.deliver`) and committed by its loop, a few at most ahead of delivery. Events are packed by
 :class:`~engine.batching.Batcher` (up to 50 per array, kinds mixed); a batch leaves when an array is
 full or its oldest event has waited ``max_latency`` seconds. Up to ``max_in_flight`` requests run
 at once, in worker threads sharing one keep-alive ``httpx.Client`` (its synchronous pool costs
@@ -37,7 +39,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,6 +183,7 @@ class Dispatcher:
         self._state = State.READY
         self._state_lock = threading.Lock()
         self._deadline = math.inf
+        self._credits = threading.Semaphore(_CHUNKS_AHEAD)
 
     @property
     def state(self) -> State:
@@ -202,21 +205,36 @@ class Dispatcher:
                 self._state = State.DRAINING
         self._inbox.put(("wake", None))
 
-    def run(self, chunks: Iterable[Chunk] = (), tick: Callable[[], None] | None = None) -> DeliveryStats:
-        """Spool ``chunks`` (read on a thread of their own) and deliver until nothing is left.
+    def offer(self, chunk: Chunk) -> bool:
+        """Hand a chunk of mapped input to be committed to the spool by :meth:`run`'s thread (the
+        spool's owner), from any thread; waits while a few chunks are ahead of the spool. False once
+        delivery has stopped: the chunk was not taken."""
+        while not self._credits.acquire(timeout=0.1):
+            if self._stop.is_set():
+                return False
+        if self._stop.is_set():
+            return False
+        self._inbox.put(("chunk", chunk))
+        return True
+
+    def end_input(self, error: BaseException | None = None) -> None:
+        """No more chunks will be offered; ``error``: reading them failed (:meth:`run` raises it)."""
+        if error is not None:
+            self._inbox.put(("fatal", error))
+        self._inbox.put(("end", None))
+
+    def run(self, tick: Callable[[], None] | None = None, *, fed: bool = False) -> DeliveryStats:
+        """Deliver what the spool holds, and what is :meth:`offer` ed meanwhile when ``fed``.
 
         ``tick`` is called from this thread about five times a second (progress, exports).
-        Returns when the chunks have ended and the spool is empty, or at the deadline :meth:`stop`
-        set. Raises :class:`DeliveryError` when delivery cannot go on, or whatever reading the chunks
-        raised, once the requests in flight have ended and their outcomes are settled.
+        Returns when the spool is empty (and, when ``fed``, the input ended), or at the deadline
+        :meth:`stop` set. Raises :class:`DeliveryError` when delivery cannot go on, or the error
+        :meth:`end_input` was given, once the requests in flight have ended and their outcomes are
+        settled.
         """
         with self._state_lock:
             if self._state is State.READY:
                 self._state = State.RUNNING
-        credits = threading.Semaphore(_CHUNKS_AHEAD)
-        reader = threading.Thread(
-            target=self._read, args=(chunks, credits), name="segment-topsort-reader", daemon=True
-        )
         limits = httpx.Limits(
             max_connections=self._max_in_flight, max_keepalive_connections=self._max_in_flight
         )
@@ -227,16 +245,14 @@ class Dispatcher:
             ) as client,
             ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="segment-topsort-post") as pool,
         ):
-            reader.start()
             try:
-                self._loop(client, pool, credits, tick)
+                self._loop(client, pool, tick, reading=fed)
             finally:
                 self._set_state(State.STOPPING)
                 self._stop.set()
                 while self._in_flight:
                     self._handle(self._inbox.get())
                 self._settle()
-                reader.join(timeout=1.0)
                 self._set_state(State.STOPPED)
         if self._fatal:
             raise self._fatal
@@ -248,15 +264,15 @@ class Dispatcher:
         self,
         client: httpx.Client,
         pool: ThreadPoolExecutor,
-        credits: threading.Semaphore,
         tick: Callable[[], None] | None,
+        *,
+        reading: bool,
     ) -> None:
-        reading = True
         settled_at = time.monotonic()
         while not self._fatal and time.monotonic() < self._deadline:
             while self._chunks and self.spool.unsent < self._high_water:
                 self.spool.commit(self._chunks.popleft())
-                credits.release()
+                self._credits.release()
             input_done = not reading and not self._chunks
             self._fill(final=input_done)
             while self._ready and self._in_flight < self._max_in_flight:
@@ -282,7 +298,7 @@ class Dispatcher:
                 reading &= self._handle(self._inbox.get())
 
     def _handle(self, message: tuple[str, Any]) -> bool:
-        """Act on one message from the reader or a worker; False once the input has ended."""
+        """Act on one message from the input or a worker; False once the input has ended."""
         kind, payload = message
         if kind == "chunk":
             self._chunks.append(payload)
@@ -320,21 +336,6 @@ class Dispatcher:
         waited = time.monotonic() - self._oldest
         if len(self._batcher) and self._caught_up and (final or waited >= self._max_latency):
             self._ready.append(_flat(self._batcher.flush() or {}))
-
-    def _read(self, chunks: Iterable[Chunk], credits: threading.Semaphore) -> None:
-        """Reader thread: hand chunks to the main loop, at most a few ahead of the spool."""
-        try:
-            for chunk in chunks:
-                while not credits.acquire(timeout=0.1):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    return
-                self._inbox.put(("chunk", chunk))
-        except BaseException as exc:  # handed to the main thread, which raises it
-            self._inbox.put(("fatal", exc))
-        finally:
-            self._inbox.put(("end", None))
 
     def _settle(self) -> None:
         delivered, failed = self._delivered, self._failed

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import httpx
 
 from ..mapping import Mapped, Mapper
 from ..record import Checkpoint, Record
-from .dispatch import Dispatcher
+from .dispatch import DeliveryStats, Dispatcher
 from .retry import RetryPolicy
 from .spool import Chunk, Spool
 
@@ -118,6 +119,29 @@ class Pipeline:
         if source.key and checkpoint:
             chunk.checkpoint(source.key, checkpoint)
         return chunk
+
+
+def deliver(dispatcher: Dispatcher, chunks: Iterable[Chunk], tick: Callable[[], None] | None = None) -> DeliveryStats:
+    """Read ``chunks`` (mapping happens as they are read) on a thread of their own, offering each to
+    ``dispatcher``, and drain the spool on this thread until the chunks end and the spool is empty,
+    or until :meth:`Dispatcher.stop`. Raises what reading the chunks raised."""
+    feeder = threading.Thread(target=_feed, args=(dispatcher, chunks), name="segment-topsort-reader", daemon=True)
+    feeder.start()
+    try:
+        return dispatcher.run(tick, fed=True)
+    finally:
+        feeder.join(timeout=1.0)
+
+
+def _feed(dispatcher: Dispatcher, chunks: Iterable[Chunk]) -> None:
+    try:
+        for chunk in chunks:
+            if not dispatcher.offer(chunk):
+                return  # delivery stopped: what was not offered stays unread
+    except BaseException as exc:  # handed to the dispatcher's thread, which raises it
+        dispatcher.end_input(exc)
+        return
+    dispatcher.end_input()
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from ...delivery.dispatch import Dispatcher
+from ...delivery.pipeline import deliver
 from ...errors import DeliveryError, EngineError, ServeError, SpoolFull
 from .dedupe import SeenIds
 from .metrics import Metrics
@@ -179,7 +180,7 @@ class Delivery:
             self._trouble.over("the spool opened again")
             ended = threading.Event()
             try:
-                dispatcher.run(self._submissions(ended), lambda: self._tick(spool))
+                deliver(dispatcher, self._submissions(ended), lambda: self._tick(spool))
                 if spool.unsent:
                     log.warning("stopped with %d event(s) still in the spool %s; they are delivered on the next"
                                 " start", spool.unsent, settings.spool)

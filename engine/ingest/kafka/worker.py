@@ -29,7 +29,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from rich.console import Console
 
 from ...delivery.dispatch import Dispatcher
-from ...delivery.pipeline import DeadLetterSink, MapStep
+from ...delivery.pipeline import DeadLetterSink, MapStep, deliver
 from ...mapping import Mapper
 from ...errors import DeadLetterTopicError
 from .settings import consumer_settings, message_key, produce, producer_settings
@@ -174,7 +174,7 @@ class KafkaWorker:
                 dispatcher.stop(self._drain_timeout)
         self._thread.start()
         try:
-            dispatcher.run(self._chunks(), self._tick)
+            deliver(dispatcher, self._chunks(), self._tick)
         finally:
             self._finish()
 
