@@ -8,6 +8,7 @@
 
 from .topsort.batching import MAX_PER_ARRAY, Batcher
 from .engine import Engine
+from .mapping import InProcessMapper, Mapped, MappedEvent, Mapper
 from .errors import (
     ApiKeyError,
     AuthenticationError,
@@ -53,10 +54,14 @@ __all__ = [
     "EngineError",
     "FieldError",
     "InputError",
+    "InProcessMapper",
     "KINDS",
     "KafkaSetupError",
     "Kind",
     "MAX_PER_ARRAY",
+    "Mapped",
+    "MappedEvent",
+    "Mapper",
     "Outcome",
     "Problem",
     "Rejection",
