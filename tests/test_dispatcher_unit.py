@@ -354,3 +354,9 @@ def test_a_failing_input_is_raised_by_deliver_and_a_stopped_dispatcher_takes_no_
         deliver(dispatcher, broken())
     assert dispatcher.state is State.STOPPED
     assert dispatcher.offer(Chunk()) is False
+
+
+def test_run_says_where_chunks_go_now(tmp_path: Path) -> None:
+    dispatcher, _ = _dispatcher(_spool(tmp_path, []), lambda _r: httpx.Response(204))
+    with pytest.raises(TypeError, match="pipeline.deliver"):
+        dispatcher.run([Chunk()])  # type: ignore[arg-type]

@@ -232,6 +232,8 @@ class Dispatcher:
         :meth:`end_input` was given, once the requests in flight have ended and their outcomes are
         settled.
         """
+        if tick is not None and not callable(tick):
+            raise TypeError("Dispatcher.run takes no chunks: use engine.delivery.pipeline.deliver(dispatcher, chunks)")
         with self._state_lock:
             if self._state is State.READY:
                 self._state = State.RUNNING
