@@ -72,10 +72,14 @@ class DeadLetterFile:
         self.written = 0
 
     def write(self, record: dict[str, Any]) -> None:
+        self.write_encoded(orjson.dumps(record))
+
+    def write_encoded(self, record: bytes) -> None:
+        """Append one dead-letter record already encoded (e.g. :attr:`engine.mapping.Mapped.dead_letter`)."""
         if self._stream is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._stream = open(self.path, "ab")
-        self._stream.write(orjson.dumps(record) + b"\n")
+        self._stream.write(record + b"\n")
         self._stream.flush()
         self.written += 1
 

@@ -7,8 +7,9 @@ from collections import Counter
 
 from rich.table import Table
 
-from ..outcome import KINDS, Outcome
+from ..outcome import KINDS, Outcome, Rejection
 from ..ingest.files import SourceFault
+from ..mapping import Mapped
 
 
 class Tally:
@@ -27,14 +28,23 @@ class Tally:
         return sum(self.events.values())
 
     def add(self, outcome: Outcome) -> None:
-        self.events[outcome.verdict] += 1
-        for rejection in outcome.rejected:
+        self._count(outcome.verdict, outcome.rejected)
+        for emitted in outcome.emitted:
+            self.emitted[emitted.kind] += 1
+
+    def add_mapped(self, mapped: Mapped) -> None:
+        """Count what one input event became, as the map stage gave it."""
+        self._count(mapped.verdict, mapped.rejected)
+        for event in mapped.events:
+            self.emitted[event.kind] += 1
+
+    def _count(self, verdict: str, rejected: tuple[Rejection, ...]) -> None:
+        self.events[verdict] += 1
+        for rejection in rejected:
             parts = rejection.reason.split(": ")
             # an input's own problem reads "origin:line: what: detail"; a rule's "…: why"
             reason = parts[-1] if rejection.rule is not None else parts[min(1, len(parts) - 1)]
             self.reasons[(rejection.rule or "(input)", f"{rejection.path} {reason}")] += 1
-        for emitted in outcome.emitted:
-            self.emitted[emitted.kind] += 1
 
     def fault(self, fault: SourceFault) -> None:
         """Count a source that could not be read to its end."""
