@@ -102,6 +102,7 @@ class PoolMapper:
 
     def _submit(self, part: list[Record]) -> Future[list[Mapped]]:
         if self._pool is None:
+            gc.freeze()  # before fork: the collector leaves the shared pages (the engine) alone, here and there
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("fork"),
                 initializer=_start_worker, initargs=(self.engine,),
