@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from itertools import islice
+from itertools import chain, islice
 
 import orjson
 
@@ -35,6 +35,9 @@ from .record import Record
 SLICE = 512
 """Records sent to a worker at once: large enough that a slice's overhead is small, small enough
 to keep every worker busy and the memory held in flight bounded."""
+
+_MIN_PART = 64
+"""The fewest records :meth:`PoolMapper.map` sends to a worker at once."""
 
 _Wire = tuple[bytes, list[int], list[int], list[str], dict[int, tuple["bytes | None", "str | None"]]]
 """A slice of records as it crosses to a worker: their raw bytes joined, the length of each, their
@@ -77,7 +80,12 @@ class PoolMapper:
         """Times the pool was started again after a worker died."""
 
     def map(self, records: Sequence[Record]) -> list[Mapped]:
-        return [mapped for _, mapped in self.stream(records)]
+        """A slice of the caller's (e.g. a pipeline's chunk): shared out among the workers in parts
+        when it is as long as a slice, mapped here when shorter."""
+        if len(records) < self._slice:
+            return self._local.map(records)
+        part = max(_MIN_PART, -(-len(records) // (2 * self.workers)))
+        return [mapped for _, mapped in self._pooled(iter(records), part)]
 
     def stream(self, records: Iterable[Record]) -> Iterator[tuple[Record, Mapped]]:
         source = iter(records)
@@ -85,9 +93,12 @@ class PoolMapper:
         if len(first) < self._slice:
             yield from self._local.stream(first)
             return
-        slices = _slices(first, source, self._slice)
-        pending: deque[tuple[list[Record], Future[list[Mapped]]]] = deque()
-        for part in slices:
+        yield from self._pooled(chain(first, source), self._slice)
+
+    def _pooled(self, source: Iterator[Record], size: int) -> Iterator[tuple[Record, Mapped]]:
+        """Slices of ``size`` records out to the workers, a few ahead of the one whose results come back."""
+        pending: deque[tuple[list[Record], Future[list[_MappedWire]]]] = deque()
+        while part := list(islice(source, size)):
             pending.append((part, self._submit(part)))
             if len(pending) > 2 * self.workers:
                 yield from self._collect(pending)
@@ -100,7 +111,7 @@ class PoolMapper:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
 
-    def _submit(self, part: list[Record]) -> Future[list[Mapped]]:
+    def _submit(self, part: list[Record]) -> Future[list[_MappedWire]]:
         if self._pool is None:
             gc.freeze()  # before fork: the collector leaves the shared pages (the engine) alone, here and there
             self._pool = ProcessPoolExecutor(
@@ -110,7 +121,7 @@ class PoolMapper:
         return self._pool.submit(_map_slice, _to_wire(part))
 
     def _collect(
-        self, pending: deque[tuple[list[Record], Future[list[Mapped]]]]
+        self, pending: deque[tuple[list[Record], Future[list[_MappedWire]]]]
     ) -> Iterator[tuple[Record, Mapped]]:
         """The oldest slice's results; when a worker died, the pool restarts and every slice in flight is sent again."""
         part, future = pending[0]
@@ -145,12 +156,6 @@ class PoolMapper:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         self.restarts += 1
-
-
-def _slices(first: list[Record], rest: Iterator[Record], size: int) -> Iterator[list[Record]]:
-    yield first
-    while part := list(islice(rest, size)):
-        yield part
 
 
 def _to_wire(part: list[Record]) -> _Wire:

@@ -81,6 +81,19 @@ def test_pool_mapper_gives_what_the_engine_gives_in_order(tmp_path: Path) -> Non
     ]
 
 
+def test_pool_mapper_shares_a_callers_slice_among_the_workers(tmp_path: Path) -> None:
+    records = list(read_records([_hostile_mix(tmp_path / "mix.ndjson", SLICE + 100)], decoded=False))
+    engine = Engine.from_folders()
+    expected = InProcessMapper(engine).map(records)
+    pool = PoolMapper(engine, 2)
+    try:
+        got = pool.map(records)
+        assert len(multiprocessing.active_children()) == 2  # it went to the workers
+    finally:
+        pool.close()
+    assert got == _same_time(expected, got)
+
+
 def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path) -> None:
     corpus = _hostile_mix(tmp_path / "mix.ndjson", 4 * SLICE)
     engine = Engine.from_folders()
