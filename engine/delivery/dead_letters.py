@@ -37,7 +37,7 @@ def dead_letter(
 ) -> dict[str, Any]:
     """Build one dead-letter record (see the module docstring for its shape)."""
     record: dict[str, Any] = {
-        "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "at": now(),
         "stage": stage,
         "origin": origin,
         "line": line,
@@ -48,6 +48,23 @@ def dead_letter(
         record["raw"] = raw.decode("utf-8", "replace")  # what orjson cannot write again is kept as read
     else:
         record["event"] = event
+    return record
+
+
+def now() -> str:
+    """The time of a dead letter (``at``): UTC, to the millisecond."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def undelivered_input(stored: dict[str, Any]) -> dict[str, Any]:
+    """The ``deliver`` dead-letter record of an input whose events all failed, from what the spool
+    stored when it settled them (``at``, ``origin``, ``line``, ``raw`` and ``failures``); any
+    other stored record is already whole, and is returned as it is."""
+    if stored.get("stage") != "deliver" or "failures" not in stored:
+        return stored
+    record = dead_letter(stage="deliver", rejected=stored["failures"], event=orjson.loads(stored["raw"]),
+                         origin=stored["origin"], line=stored["line"])
+    record["at"] = stored["at"]
     return record
 
 
