@@ -145,7 +145,7 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     """µs per input event of each stage, measured one stage at a time in this process."""
     engine = Engine.from_folders()
     mapper = InProcessMapper(engine)
-    _start_worker(engine)
+    _start_worker(engine, os.getppid())
     rows: list[tuple[str, str, float]] = []
 
     def stage(name: str, process: str, work: Callable[[], Any]) -> Any:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -35,6 +37,9 @@ from .record import Record
 SLICE = 512
 """Records sent to a worker at once: large enough that a slice's overhead is small, small enough
 to keep every worker busy and the memory held in flight bounded."""
+
+_ORPHAN_CHECK = 0.5
+"""Seconds between a worker's checks that its parent still lives."""
 
 _MIN_PART = 64
 """The fewest records :meth:`PoolMapper.map` sends to a worker at once."""
@@ -116,7 +121,7 @@ class PoolMapper:
             gc.freeze()  # before fork: the collector leaves the shared pages (the engine) alone, here and there
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("fork"),
-                initializer=_start_worker, initargs=(self.engine,),
+                initializer=_start_worker, initargs=(self.engine, os.getpid()),
             )
         return self._pool.submit(_map_slice, _to_wire(part))
 
@@ -173,10 +178,18 @@ def _to_wire(part: list[Record]) -> _Wire:
             [record.origin for record in part], decoded)
 
 
-def _start_worker(engine: Engine) -> None:
+def _start_worker(engine: Engine, parent: int) -> None:
     global _worker_mapper
     _worker_mapper = InProcessMapper(engine)
     gc.freeze()  # the engine, inherited from the parent, is never garbage: not scanned again
+    threading.Thread(target=_exit_with, args=(parent,), name="segment-topsort-orphan-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once its parent is gone (killed with -9, say), instead of waiting forever."""
+    while os.getppid() == parent:
+        time.sleep(_ORPHAN_CHECK)
+    os._exit(1)
 
 
 def _map_slice(wire: _Wire) -> list[_MappedWire]:

@@ -130,3 +130,47 @@ def _same_time(expected: list, got: list) -> list:
             want = want._replace(dead_letter=orjson.dumps(record))
         fixed.append(want)
     return fixed + expected[len(got):]
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    mapping = subprocess.Popen([sys.executable, "-m", "engine", "map", "-", "--workers", "2"],
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert mapping.stdin is not None
+    mapping.stdin.write(b"\n".join(lines(2 * SLICE)) + b"\n")  # more than a slice: the pool starts
+    mapping.stdin.flush()  # and stdin stays open: the parent waits for more
+    deadline = time.monotonic() + 60
+    while len(workers := _children(mapping.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(workers) == 2
+    mapping.kill()
+    mapping.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # leave no orphan behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
