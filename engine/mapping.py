@@ -4,19 +4,24 @@ A :class:`Mapper` takes the records of one slice of input and gives back, in ord
 :class:`Mapped` per record: its verdict, its Topsort events already encoded, its rejections, and
 its dead-letter record already encoded. Everything downstream of mapping (the spool, the tally,
 the dead letters, ``map``'s output) reads only ``Mapped`` values, so the same stage can run here
-(:class:`InProcessMapper`) or in worker processes that send nothing but these bytes back.
+(:class:`InProcessMapper`) or in worker processes that send nothing but these bytes back
+(:class:`engine.workers.PoolMapper`).
+
+Records may come *undecoded* (raw bytes only, see :class:`~engine.record.Record`): the mapper
+decodes them, so decoding runs where mapping does. Sources that expand batch bodies
+(``{"batch": [...]}``, one line, many events) do so themselves and hand over one record per event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 import orjson
 
 from .engine import Engine
 from .outcome import Kind, Rejection, rejected_input
-from .record import Record
+from .record import Record, decode
 
 
 class MappedEvent(NamedTuple):
@@ -44,6 +49,10 @@ class Mapper(Protocol):
 
     def map(self, records: Sequence[Record]) -> list[Mapped]: ...
 
+    def stream(self, records: Iterable[Record]) -> Iterator[tuple[Record, Mapped]]:
+        """Each record of an unbounded stream with what it became, in order, mapping ahead."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -54,12 +63,18 @@ class InProcessMapper:
         self.engine = engine
 
     def map(self, records: Sequence[Record]) -> list[Mapped]:
-        return [self._one(record) for record in records]
+        return [self.map_one(record) for record in records]
+
+    def stream(self, records: Iterable[Record]) -> Iterator[tuple[Record, Mapped]]:
+        for record in records:
+            yield record, self.map_one(record)
 
     def close(self) -> None:
         """Nothing to release in this process."""
 
-    def _one(self, record: Record) -> Mapped:
+    def map_one(self, record: Record) -> Mapped:
+        """What one record (decoded or not) became."""
+        record = decode(record)
         outcome = self.engine.process_record(record)
         events = tuple(
             MappedEvent(emitted.kind, emitted.rule, str(emitted.event["id"]), orjson.dumps(emitted.event))

@@ -96,6 +96,11 @@ class Outcome(NamedTuple):
 Stage = Literal["decode", "map", "deliver"]
 
 
+def now() -> str:
+    """The time of a dead letter (``at``): UTC, to the millisecond."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def dead_letter(
     *,
     stage: Stage,
@@ -107,7 +112,7 @@ def dead_letter(
 ) -> dict[str, Any]:
     """Build one dead-letter record (see the module docstring for its shape)."""
     record: dict[str, Any] = {
-        "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "at": now(),
         "stage": stage,
         "origin": origin,
         "line": line,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -17,10 +17,15 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..topsort.batching import Batcher
-from .options import EXIT_INPUT_SKIPPED, input_limits, limits_from, report_fault, rule_folders, rules_option
-from ..delivery.dead_letters import DeadLetterFile, rejected_input
+from .options import (
+    EXIT_INPUT_SKIPPED, input_limits, limits_from, report_fault, rule_folders, rules_option, workers_option,
+)
+from ..delivery.dead_letters import DeadLetterFile
 from ..engine import Engine
 from ..errors import InputError, Problem, RulesInvalid
+from ..mapping import Mapped
+from ..record import Record
+from ..workers import make_mapper
 from ..reports.explain import RuleExplanation, explain
 from ..limits import MAX_DEPTH, MAX_LINE_BYTES, size, too_deep
 from ..rules.loader import check_rules
@@ -111,8 +116,10 @@ def test_command(rule_dirs: tuple[Path, ...], coverage: bool) -> None:
 @click.option("--format", "output_format", type=click.Choice(["requests", "outcomes"]), default="requests",
               show_default=True,
               help="requests: Topsort request bodies (at most 50 per array); outcomes: one line per input event.")
+@workers_option
 def map_command(
-    files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str, **limits: Any
+    files: tuple[str, ...], rule_dirs: tuple[Path, ...], rejects: Path | None, output_format: str, workers: int,
+    **limits: Any,
 ) -> None:
     """Map Segment events to Topsort events, without sending anything.
 
@@ -127,20 +134,21 @@ def map_command(
     tally = Tally()
     out = sys.stdout.buffer
     requests = 0
-    batcher: Batcher[dict[str, Any]] = Batcher()
-    with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance:
-        for record in read_records(sources, limits_from(limits), on_fault=partial(report_fault, stderr, tally)):
-            outcome = engine.process_record(record)
-            tally.add(outcome)
+    batcher: Batcher[orjson.Fragment] = Batcher()
+    mapper = make_mapper(engine, workers)
+    records = read_records(sources, limits_from(limits), on_fault=partial(report_fault, stderr, tally), decoded=False)
+    with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance, \
+            closing(mapper):
+        for record, mapped in mapper.stream(records):
+            tally.add_mapped(mapped)
             advance()
-            if dead is not None and outcome.rejected:
-                dead.write(rejected_input(record, outcome))
+            if dead is not None and mapped.dead_letter is not None:
+                dead.write_encoded(mapped.dead_letter)
             if output_format == "outcomes":
-                line = {"origin": record.origin, "line": record.line, **outcome.to_dict()}
-                _write(out, line)
+                _write(out, _outcome_line(record, mapped))
                 continue
-            for emitted in outcome.emitted:
-                body = batcher.add(emitted.kind, emitted.event)
+            for event in mapped.events:
+                body = batcher.add(event.kind, orjson.Fragment(event.body))
                 if body:
                     requests += _write(out, body)
         if (body := batcher.flush()) is not None:
@@ -181,6 +189,13 @@ def explain_command(event_file: str, rule_dirs: tuple[Path, ...]) -> None:
     verdict = "skipped (no rule wants it)" if outcome.skipped else (
         f"{len(outcome.emitted)} emitted, {len(outcome.rejected)} rejected")
     console.print(f"[bold]Outcome:[/] {verdict}")
+
+
+def _outcome_line(record: Record, mapped: Mapped) -> dict[str, Any]:
+    """``map --format outcomes``' line of one input event."""
+    emitted = [{"kind": e.kind, "rule": e.rule, "event": orjson.Fragment(e.body)} for e in mapped.events]
+    return {"origin": record.origin, "line": record.line, "messageId": mapped.message_id, "emitted": emitted,
+            "rejected": [r.to_dict() for r in mapped.rejected], "skipped": not emitted and not mapped.rejected}
 
 
 def _print_explanation(console: Console, found: RuleExplanation) -> None:

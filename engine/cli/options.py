@@ -19,6 +19,7 @@ from ..limits import MAX_GZIP_RATIO, MAX_LINE_BYTES, InputLimits
 from ..rules.folders import resolve_rules_folder
 from ..record import SourceFault
 from ..reports.summary import Tally
+from ..workers import usable_cores
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -77,6 +78,12 @@ def delivery_tuning(command: F) -> F:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+workers_option = click.option(
+    "--workers", type=click.IntRange(min=1), default=lambda: usable_cores(), show_default="the usable cores",
+    help="Processes that decode and map events (1: all in this process). Output is the same for any number.",
+)
 
 
 EXIT_INPUT_SKIPPED = 3

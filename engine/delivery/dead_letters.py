@@ -18,9 +18,21 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from ..outcome import dead_letter, rejected_input
+from ..outcome import dead_letter, now, rejected_input
 
-__all__ = ["DeadLetterFile", "dead_letter", "read_dead_letters", "rejected_input"]
+__all__ = ["DeadLetterFile", "dead_letter", "now", "read_dead_letters", "rejected_input", "undelivered_input"]
+
+
+def undelivered_input(stored: dict[str, Any]) -> dict[str, Any]:
+    """The ``deliver`` dead-letter record of an input whose events all failed, from what the spool
+    stored when it settled them (``at``, ``origin``, ``line``, ``raw`` and ``failures``); any
+    other stored record is already whole, and is returned as it is."""
+    if stored.get("stage") != "deliver" or "failures" not in stored:
+        return stored
+    record = dead_letter(stage="deliver", rejected=stored["failures"], event=orjson.loads(stored["raw"]),
+                         origin=stored["origin"], line=stored["line"])
+    record["at"] = stored["at"]
+    return record
 
 class DeadLetterFile:
     """Appends dead-letter records to an NDJSON file (created on first write)."""
@@ -31,10 +43,14 @@ class DeadLetterFile:
         self.written = 0
 
     def write(self, record: dict[str, Any]) -> None:
+        self.write_encoded(orjson.dumps(record))
+
+    def write_encoded(self, record: bytes) -> None:
+        """Append one dead-letter record already encoded (e.g. :attr:`engine.mapping.Mapped.dead_letter`)."""
         if self._stream is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._stream = open(self.path, "ab")
-        self._stream.write(orjson.dumps(record) + b"\n")
+        self._stream.write(record + b"\n")
         self._stream.flush()
         self.written += 1
 

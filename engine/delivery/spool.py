@@ -4,7 +4,8 @@ It holds, in one database so that every change is atomic:
 
 * ``inputs``: each input event that emitted something, as read (its raw line), with origin and line;
 * ``pending``: each Topsort event still to deliver (or given up, awaiting its siblings);
-* ``dead_letters``: dead-letter records not yet exported to the NDJSON file;
+* ``dead_letters``: dead-letter records not yet exported to the NDJSON file (a ``deliver`` one as
+  the parts it is made of, so that settling stores and does not build);
 * ``checkpoints``: how far each input source has been read;
 * ``seen_messages``: the messageIds ``serve`` committed lately (its deduplication window).
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
-from .dead_letters import DeadLetterFile, dead_letter
+from .dead_letters import DeadLetterFile, now, undelivered_input
 from ..errors import SpoolError
 from ..outcome import Emitted, Kind
 
@@ -255,32 +256,25 @@ class Spool:
         return {input_id: (origin, line) for input_id, origin, line in rows}
 
     def _dead_letter_settled(self, touched: bytes) -> int:
-        done = self._db.execute(
+        """Keep, for each input whose events all failed, what its ``deliver`` dead letter needs (built
+        when exported: :func:`~engine.delivery.dead_letters.undelivered_input`), and drop the input."""
+        done = orjson.dumps([input_id for (input_id,) in self._db.execute(
             "SELECT input_id FROM pending WHERE input_id IN (SELECT value FROM json_each(?))"
             " GROUP BY input_id HAVING COUNT(failure) = COUNT(*)",
             (touched,),
-        ).fetchall()
-        for (input_id,) in done:
-            origin, line, raw = self._db.execute(
-                "SELECT origin, line, raw FROM inputs WHERE id = ?", (input_id,)
-            ).fetchone()
-            failures = [
-                orjson.loads(why)
-                for (why,) in self._db.execute(
-                    "SELECT failure FROM pending WHERE input_id = ? ORDER BY seq", (input_id,)
-                )
-            ]
-            record = dead_letter(
-                stage="deliver",
-                rejected=failures,
-                event=orjson.loads(raw),
-                origin=origin,
-                line=line,
-            )
-            self._db.execute("INSERT INTO dead_letters (record) VALUES (?)", (orjson.dumps(record),))
-            self._db.execute("DELETE FROM pending WHERE input_id = ?", (input_id,))
-            self._db.execute("DELETE FROM inputs WHERE id = ?", (input_id,))
-        return len(done)
+        )])
+        if done == b"[]":
+            return 0
+        made = self._db.execute(
+            "INSERT INTO dead_letters (record) SELECT json_object('at', ?, 'stage', 'deliver', 'origin', origin,"
+            " 'line', line, 'raw', CAST(raw AS TEXT), 'failures', (SELECT json_group_array(json(why)) FROM"
+            " (SELECT CAST(failure AS TEXT) AS why FROM pending WHERE input_id = inputs.id ORDER BY seq)))"
+            " FROM inputs WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (now(), done),
+        ).rowcount
+        self._db.execute("DELETE FROM pending WHERE input_id IN (SELECT value FROM json_each(?))", (done,))
+        self._db.execute("DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (done,))
+        return made
 
     # -- dead letters ---------------------------------------------------------------------------
 
@@ -306,7 +300,7 @@ class Spool:
             self._db.execute("INSERT OR REPLACE INTO exports VALUES (?, ?)", (key, size))
         with DeadLetterFile(path) as out:
             for _, record in records:
-                out.write(orjson.loads(record))
+                out.write(undelivered_input(orjson.loads(record)))
         with self._transaction():
             self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (records[-1][0],))
             self._db.execute("UPDATE exports SET started_at_size = NULL WHERE path = ?", (key,))
@@ -320,7 +314,7 @@ class Spool:
         records = self._db.execute("SELECT id, record FROM dead_letters ORDER BY id").fetchall()
         if not records:
             return 0
-        sink([orjson.loads(record) for _, record in records])
+        sink([undelivered_input(orjson.loads(record)) for _, record in records])
         with self._transaction():
             self._db.execute("DELETE FROM dead_letters WHERE id <= ?", (records[-1][0],))
         return len(records)

@@ -26,12 +26,11 @@ from typing import Any, BinaryIO
 import orjson
 
 from ..errors import InputError, SourceError, SourceRefused
-from ..record import Checkpoint, OnFault, Record, SourceFault
+from ..record import Checkpoint, OnFault, Record, SourceFault, decode, too_deep_reason
 from ..limits import (
     DEFAULT_LIMITS,
     GZIP_RATIO_FLOOR,
     KEPT_BYTES,
-    MAX_DEPTH,
     MAX_DOCUMENT_BYTES,
     InputLimits,
     MiB,
@@ -65,17 +64,19 @@ def expand_sources(names: Iterable[str | Path]) -> list[str]:
 
 
 def read_records(
-    sources: Iterable[str | Path], limits: InputLimits = DEFAULT_LIMITS, on_fault: OnFault | None = None
+    sources: Iterable[str | Path], limits: InputLimits = DEFAULT_LIMITS, on_fault: OnFault | None = None,
+    *, decoded: bool = True,
 ) -> Iterator[Record]:
-    """Every record of every source (see :func:`expand_sources`), in order."""
+    """Every record of every source (see :func:`expand_sources`), in order; ``decoded=False``: see
+    :func:`read_source`."""
     for name in expand_sources(sources):
-        for record, _ in read_source(name, limits=limits, on_fault=on_fault):
+        for record, _ in read_source(name, limits=limits, on_fault=on_fault, decoded=decoded):
             yield record
 
 
 def read_source(
     name: str, start: Checkpoint | None = None, *, limits: InputLimits = DEFAULT_LIMITS,
-    on_fault: OnFault | None = None,
+    on_fault: OnFault | None = None, decoded: bool = True,
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
     """The records of one file (or stdin) with the checkpoint reached after each.
 
@@ -86,11 +87,15 @@ def read_source(
     A source that cannot be read to its end (unreadable, a truncated or corrupt gzip, a gzip
     bomb) yields what it could and is handed to ``on_fault``, which is told its path and the
     last line read; without ``on_fault`` it raises :class:`SourceError` instead.
+
+    With ``decoded=False``, an NDJSON line that cannot be a batch body (no ``batch`` and no
+    ``\\u`` escape in it) is left undecoded (see :class:`~engine.record.Record`), for the map stage
+    to decode, perhaps in a worker process; batch lines are still expanded here, event by event.
     """
     at = _Cursor()
     try:
         if name == STDIN:
-            yield from _read(name, sys.stdin.buffer, b"", None, limits, at, None)
+            yield from _read(name, sys.stdin.buffer, b"", None, limits, at, None, decoded)
             return
         if Path(name).is_dir():  # a folder expand_sources could not list: say why
             os.scandir(name).close()
@@ -99,7 +104,7 @@ def read_source(
             head = stream.read(_HEAD)
             stream.seek(0)
             same = start is not None and head.startswith(start.head) and start.offset <= _size(name, stream)
-            yield from _read(name, stream, head, start if same else None, limits, at, compressed)
+            yield from _read(name, stream, head, start if same else None, limits, at, compressed, decoded)
     except (OSError, EOFError, zlib.error, SourceRefused) as exc:
         fault = SourceFault(name, at.line if at.opened else None, _damage(exc, at))
         if on_fault is None:
@@ -109,13 +114,10 @@ def read_source(
 
 def decode_line(origin: str, line: int, raw: bytes) -> Record:
     """The record of one (stripped, non-blank) input line."""
-    try:
-        event = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return Record(origin, line, raw, error=f"{origin}:{line}: not valid JSON: {exc}")
-    if too_deep(raw) and _batch(event) is None:  # a batch's events are checked one by one
-        return Record(origin, line, raw, error=_too_deep(origin, line))
-    return Record(origin, line, raw, event=event)
+    record = decode(Record(origin, line, raw), check_depth=False)
+    if record.error is None and too_deep(raw) and _batch(record.event) is None:  # a batch's events are checked one by one
+        return Record(origin, line, raw, error=too_deep_reason(origin, line))
+    return record
 
 
 def uncompressed_size(name: str) -> int | None:
@@ -150,18 +152,14 @@ def _damage(exc: BaseException, at: _Cursor) -> str:
     return f"cannot be read: {exc}{rest}"
 
 
-def _too_deep(origin: str, line: int) -> str:
-    return f"{origin}:{line}: nested deeper than {MAX_DEPTH} levels (the limit of an event)"
-
-
 def _event_record(origin: str, line: int, event: Any) -> Record:
     """The record of one event of a batch or document, re-encoded; one too deep is refused."""
     try:
         raw = orjson.dumps(event)
     except orjson.JSONEncodeError:  # deeper than orjson writes
-        return Record(origin, line, b"", error=_too_deep(origin, line))
+        return Record(origin, line, b"", error=too_deep_reason(origin, line))
     if too_deep(raw):
-        return Record(origin, line, raw[:KEPT_BYTES], error=_too_deep(origin, line))
+        return Record(origin, line, raw[:KEPT_BYTES], error=too_deep_reason(origin, line))
     return Record(origin, line, raw, event=event)
 
 
@@ -198,7 +196,7 @@ def _open(name: str) -> Iterator[tuple[BinaryIO, BinaryIO | None]]:
 
 def _read(
     origin: str, stream: BinaryIO, head: bytes, start: Checkpoint | None, limits: InputLimits, at: _Cursor,
-    compressed: BinaryIO | None,
+    compressed: BinaryIO | None, decoded: bool = True,
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
     """A JSON document when the source parses as one, else NDJSON, line by line.
 
@@ -212,7 +210,7 @@ def _read(
     if start is not None and start.offset > 0:
         reader.resume(start.offset)
         at.line = start.line
-        yield from _ndjson(origin, reader, head, at)
+        yield from _ndjson(origin, reader, head, at, decoded)
         return
     first = reader.peek_line()
     text = first.strip()
@@ -229,7 +227,7 @@ def _read(
             else:
                 yield from _document(origin, document, len(data), head, start)
                 return
-    yield from _ndjson(origin, reader, head, at)
+    yield from _ndjson(origin, reader, head, at, decoded)
 
 
 def _parses(text: bytes) -> bool:
@@ -346,7 +344,7 @@ class _Lines:
 
 
 def _ndjson(
-    origin: str, reader: _Lines, head: bytes, at: _Cursor
+    origin: str, reader: _Lines, head: bytes, at: _Cursor, decoded: bool = True
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
     for raw, lines, too_long in reader:
         at.line += lines
@@ -358,6 +356,9 @@ def _ndjson(
             continue
         raw = raw.strip()
         if not raw:
+            continue
+        if not decoded and b"batch" not in raw and b"\\u" not in raw:  # cannot spell {"batch": ...}
+            yield Record(origin, line, raw), checkpoint
             continue
         record = decode_line(origin, line, raw)
         batch = _batch(record.event)

@@ -1,0 +1,218 @@
+"""The map stage in worker processes: a :class:`~engine.mapping.Mapper` that uses every core.
+
+Worker processes are forked from the process that compiled the rules, so they start with the
+engine in memory (no imports or compilation paid again). The parent sends slices of records as
+the bytes it read (undecoded lines; a decoded event re-encoded), the workers decode, route, map,
+validate and encode, and send back :class:`~engine.mapping.Mapped` values: encoded Topsort events,
+rejections and encoded dead letters. The parent keeps order: results come back slice by slice, in
+the order the slices went out.
+
+A worker that dies (killed, out of memory) costs nothing: the pool is started again and every
+slice not yet answered is sent again, so no event is lost or mapped twice. A slice that kills a
+worker a second time is mapped one record at a time, and a record that kills a worker on its own
+is that record's rejection.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from itertools import chain, islice
+
+import orjson
+
+from .delivery.dead_letters import rejected_input
+from .engine import Engine
+from .mapping import InProcessMapper, Mapped, MappedEvent, Mapper
+from .outcome import Outcome, Rejection
+from .record import Record
+
+SLICE = 512
+"""Records sent to a worker at once: large enough that a slice's overhead is small, small enough
+to keep every worker busy and the memory held in flight bounded."""
+
+_ORPHAN_CHECK = 0.5
+"""Seconds between a worker's checks that its parent still lives."""
+
+_MIN_PART = 64
+"""The fewest records :meth:`PoolMapper.map` sends to a worker at once."""
+
+_Wire = tuple[bytes, list[int], list[int], list[str], dict[int, tuple["bytes | None", "str | None"]]]
+"""A slice of records as it crosses to a worker: their raw bytes joined, the length of each, their
+lines, their origins, and for the few a source decoded or refused, by position: the event encoded
+(e.g. one event of a batch body) or why it could not be decoded. One bytes object per slice, not
+one per record, keeps the crossing to a copy."""
+
+_MappedWire = tuple["str | None", str, tuple[tuple, ...], tuple[tuple, ...], "bytes | None"]
+"""A :class:`Mapped` as it crosses back: the same values in plain tuples, which pickle and unpickle
+several times faster than named tuples."""
+_tuple = tuple.__new__
+"""Makes a named tuple from a tuple of its values, without the Python-level ``__new__``."""
+
+_worker_mapper: InProcessMapper | None = None
+"""The engine of this worker process (set once, when it starts)."""
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def make_mapper(engine: Engine, workers: int | None = None) -> Mapper:
+    """The map stage for ``workers`` processes (default: the usable cores); ``1`` maps in this process."""
+    workers = usable_cores() if workers is None else workers
+    return InProcessMapper(engine) if workers <= 1 else PoolMapper(engine, workers)
+
+
+class PoolMapper:
+    """Maps in ``workers`` forked processes; a stream shorter than one slice is mapped here, and
+    the pool starts only when a stream is longer (so a short ``map`` starts no process)."""
+
+    def __init__(self, engine: Engine, workers: int, slice_size: int = SLICE) -> None:
+        self.engine = engine
+        self.workers = workers
+        self._slice = slice_size
+        self._local = InProcessMapper(engine)
+        self._pool: ProcessPoolExecutor | None = None
+        self.restarts = 0
+        """Times the pool was started again after a worker died."""
+
+    def map(self, records: Sequence[Record]) -> list[Mapped]:
+        """A slice of the caller's (e.g. a pipeline's chunk): shared out among the workers in parts
+        when it is as long as a slice, mapped here when shorter."""
+        if len(records) < self._slice:
+            return self._local.map(records)
+        part = max(_MIN_PART, -(-len(records) // (2 * self.workers)))
+        return [mapped for _, mapped in self._pooled(iter(records), part)]
+
+    def stream(self, records: Iterable[Record]) -> Iterator[tuple[Record, Mapped]]:
+        source = iter(records)
+        first = list(islice(source, self._slice))
+        if len(first) < self._slice:
+            yield from self._local.stream(first)
+            return
+        yield from self._pooled(chain(first, source), self._slice)
+
+    def _pooled(self, source: Iterator[Record], size: int) -> Iterator[tuple[Record, Mapped]]:
+        """Slices of ``size`` records out to the workers, a few ahead of the one whose results come back."""
+        pending: deque[tuple[list[Record], Future[list[_MappedWire]]]] = deque()
+        while part := list(islice(source, size)):
+            pending.append((part, self._submit(part)))
+            if len(pending) > 2 * self.workers:
+                yield from self._collect(pending)
+        while pending:
+            yield from self._collect(pending)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def _submit(self, part: list[Record]) -> Future[list[_MappedWire]]:
+        if self._pool is None:
+            gc.freeze()  # before fork: the collector leaves the shared pages (the engine) alone, here and there
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("fork"),
+                initializer=_start_worker, initargs=(self.engine, os.getpid()),
+            )
+        return self._pool.submit(_map_slice, _to_wire(part))
+
+    def _collect(
+        self, pending: deque[tuple[list[Record], Future[list[_MappedWire]]]]
+    ) -> Iterator[tuple[Record, Mapped]]:
+        """The oldest slice's results; when a worker died, the pool restarts and every slice in flight is sent again."""
+        part, future = pending[0]
+        try:
+            results = _from_wire(future.result())
+        except BrokenProcessPool:
+            self._restart()
+            try:
+                results = _from_wire(self._submit(part).result())
+            except BrokenProcessPool:  # this slice kills workers: find the record that does
+                self._restart()
+                results = [self._map_alone(record) for record in part]
+            pending.popleft()
+            for index, (other, _) in enumerate(pending):
+                pending[index] = (other, self._submit(other))
+        else:
+            pending.popleft()
+        yield from zip(part, results)
+
+    def _map_alone(self, record: Record) -> Mapped:
+        try:
+            return _from_wire(self._submit([record]).result())[0]
+        except BrokenProcessPool:
+            self._restart()
+            reason = "the worker process mapping this event died (killed, or out of memory)"
+            outcome = Outcome(None, rejected=(Rejection(None, "$", reason),))
+            dead = orjson.dumps(rejected_input(record, outcome))
+            return Mapped(None, outcome.verdict, (), outcome.rejected, dead)
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self.restarts += 1
+
+
+def _to_wire(part: list[Record]) -> _Wire:
+    decoded: dict[int, tuple[bytes | None, str | None]] = {}
+    for index, record in enumerate(part):
+        if record.error is not None:
+            decoded[index] = (None, record.error)
+        elif record.event is not None:
+            try:
+                decoded[index] = (orjson.dumps(record.event), None)
+            except orjson.JSONEncodeError:  # deeper, or an integer larger, than JSON encoders write
+                decoded[index] = (None, f"{record.origin}:{record.line}: cannot be encoded as JSON")
+    raws = [record.raw for record in part]
+    return (b"".join(raws), [len(raw) for raw in raws], [record.line for record in part],
+            [record.origin for record in part], decoded)
+
+
+def _start_worker(engine: Engine, parent: int) -> None:
+    global _worker_mapper
+    _worker_mapper = InProcessMapper(engine)
+    gc.freeze()  # the engine, inherited from the parent, is never garbage: not scanned again
+    threading.Thread(target=_exit_with, args=(parent,), name="segment-topsort-orphan-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once its parent is gone (killed with -9, say), instead of waiting forever."""
+    while os.getppid() == parent:
+        time.sleep(_ORPHAN_CHECK)
+    os._exit(1)
+
+
+def _map_slice(wire: _Wire) -> list[_MappedWire]:
+    assert _worker_mapper is not None
+    blob, lengths, lines, origins, decoded = wire
+    mapped = []
+    start = 0
+    for index, length in enumerate(lengths):
+        raw = blob[start:start + length]
+        start += length
+        record = Record(origins[index], lines[index], raw)
+        if index in decoded:
+            event, error = decoded[index]
+            record = record._replace(event=orjson.loads(event) if event is not None else None, error=error)
+        one = _worker_mapper.map_one(record)
+        mapped.append((one.message_id, one.verdict, tuple(map(tuple, one.events)), tuple(map(tuple, one.rejected)),
+                       one.dead_letter))
+    return mapped
+
+
+def _from_wire(wire: list[_MappedWire]) -> list[Mapped]:
+    return [
+        _tuple(Mapped, (message_id, verdict, tuple([_tuple(MappedEvent, event) for event in events]),
+                        tuple([_tuple(Rejection, rejection) for rejection in rejected]), dead_letter))
+        for message_id, verdict, events, rejected, dead_letter in wire
+    ]

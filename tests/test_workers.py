@@ -1,0 +1,176 @@
+"""The map stage in worker processes: the same bytes as in one process, order kept, workers that die."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from benchmarks.corpus import lines
+from engine import Engine
+from engine.ingest.files import read_records
+from engine.mapping import InProcessMapper
+from engine.workers import SLICE, PoolMapper, make_mapper
+
+from .conftest import run_cli
+
+
+def _hostile_mix(path: Path, count: int) -> Path:
+    """A corpus of ``count`` events over several slices, with what a source may hold between them:
+    batch lines (one spelled with an escape), broken JSON, blank lines, too-deep values, escapes, nulls."""
+    corpus = list(lines(count, seed=3))
+    out: list[bytes] = []
+    for index, line in enumerate(corpus):
+        out.append(line)
+        following = corpus[(index + 1) % count]
+        if index % 97 == 0:
+            out.append(b'{"batch": [' + following + b"," + line + b"]}")
+        if index % 113 == 0:
+            out += [b"{not json", b"", b"  "]
+        if index % 151 == 0:
+            out.append(b"[" * 200 + b"]" * 200)
+        if index % 163 == 0:
+            out.append(line.replace(b'"type"', b'"\\u0074ype"'))
+        if index % 171 == 0:
+            out.append(b"null")
+        if index % 181 == 0:
+            out.append(b'{"\\u0062atch": [' + following + b"]}")
+    path.write_bytes(b"\n".join(out) + b"\n")
+    return path
+
+
+def _without_time(dead_letters: bytes) -> list[dict]:
+    records = [orjson.loads(line) for line in dead_letters.splitlines()]
+    for record in records:
+        record.pop("at")  # when it was written: the one field that may differ
+    return records
+
+
+@pytest.mark.parametrize("output_format", ["requests", "outcomes"])
+def test_map_with_two_workers_writes_the_same_bytes_as_one(tmp_path: Path, output_format: str) -> None:
+    corpus = _hostile_mix(tmp_path / "mix.ndjson", 3 * SLICE)
+    runs = {}
+    for workers in ("1", "2"):
+        rejects = tmp_path / f"rejects-{workers}.ndjson"
+        done = run_cli("map", str(corpus), "--workers", workers, "--rejects", str(rejects), "--format", output_format)
+        assert done.returncode == 0, done.stderr
+        runs[workers] = (done.stdout, _without_time(rejects.read_bytes()))
+    assert runs["2"][0] == runs["1"][0]
+    assert runs["2"][1] == runs["1"][1]
+    assert len(runs["1"][1]) > 20  # broken, too deep and unmappable events were dead-lettered
+    if output_format == "outcomes":
+        assert len(runs["1"][0].splitlines()) > 3 * SLICE
+
+
+def test_pool_mapper_gives_what_the_engine_gives_in_order(tmp_path: Path) -> None:
+    corpus = _hostile_mix(tmp_path / "mix.ndjson", 2 * SLICE)
+    engine = Engine.from_folders()
+    expected = InProcessMapper(engine).map(list(read_records([corpus])))
+    pool = PoolMapper(engine, 2, slice_size=64)
+    try:
+        got = list(pool.stream(read_records([corpus], decoded=False)))
+    finally:
+        pool.close()
+    assert [mapped for _, mapped in got] == _same_time(expected, [mapped for _, mapped in got])
+    assert [(record.origin, record.line) for record, _ in got] == [
+        (record.origin, record.line) for record in read_records([corpus])
+    ]
+
+
+def test_pool_mapper_shares_a_callers_slice_among_the_workers(tmp_path: Path) -> None:
+    records = list(read_records([_hostile_mix(tmp_path / "mix.ndjson", SLICE + 100)], decoded=False))
+    engine = Engine.from_folders()
+    expected = InProcessMapper(engine).map(records)
+    pool = PoolMapper(engine, 2)
+    try:
+        got = pool.map(records)
+        assert len(multiprocessing.active_children()) == 2  # it went to the workers
+    finally:
+        pool.close()
+    assert got == _same_time(expected, got)
+
+
+def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    corpus = _hostile_mix(tmp_path / "mix.ndjson", 4 * SLICE)
+    engine = Engine.from_folders()
+    expected = InProcessMapper(engine).map(list(read_records([corpus])))
+    pool = PoolMapper(engine, 2, slice_size=32)
+    got = []
+    try:
+        for record, mapped in pool.stream(read_records([corpus], decoded=False)):
+            got.append(mapped)
+            if len(got) == 100:
+                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+    finally:
+        pool.close()
+    assert pool.restarts >= 1
+    assert got == _same_time(expected, got)
+
+
+def test_a_short_input_starts_no_process(tmp_path: Path) -> None:
+    pool = make_mapper(Engine.from_folders(), 2)
+    assert isinstance(pool, PoolMapper)
+    records = list(read_records([_hostile_mix(tmp_path / "mix.ndjson", 100)], decoded=False))
+    assert len(list(pool.stream(records))) == len(records) < SLICE
+    assert not multiprocessing.active_children()
+    assert isinstance(make_mapper(Engine.from_folders(), 1), InProcessMapper)
+
+
+def _same_time(expected: list, got: list) -> list:
+    """``expected`` with each dead letter's time taken from ``got`` (the one field that may differ)."""
+    fixed = []
+    for want, have in zip(expected, got):
+        if want.dead_letter is not None and have.dead_letter is not None:
+            record = orjson.loads(want.dead_letter)
+            record["at"] = orjson.loads(have.dead_letter)["at"]
+            want = want._replace(dead_letter=orjson.dumps(record))
+        fixed.append(want)
+    return fixed + expected[len(got):]
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    mapping = subprocess.Popen([sys.executable, "-m", "engine", "map", "-", "--workers", "2"],
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert mapping.stdin is not None
+    mapping.stdin.write(b"\n".join(lines(2 * SLICE)) + b"\n")  # more than a slice: the pool starts
+    mapping.stdin.flush()  # and stdin stays open: the parent waits for more
+    deadline = time.monotonic() + 60
+    while len(workers := _children(mapping.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(workers) == 2
+    mapping.kill()
+    mapping.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:  # leave no orphan behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
