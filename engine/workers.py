@@ -65,10 +65,19 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def make_mapper(engine: Engine, workers: int | None = None) -> Mapper:
-    """The map stage for ``workers`` processes (default: the usable cores); ``1`` maps in this process."""
+def make_mapper(engine: Engine, workers: int | None = None, *, start: bool = False) -> Mapper:
+    """The map stage for ``workers`` processes (default: the usable cores); ``1`` maps in this process.
+
+    With ``start`` the worker processes are forked now: a front-end that starts threads of its own
+    (delivery, HTTP) forks before them, so no worker inherits a lock another thread held.
+    """
     workers = usable_cores() if workers is None else workers
-    return InProcessMapper(engine) if workers <= 1 else PoolMapper(engine, workers)
+    if workers <= 1:
+        return InProcessMapper(engine)
+    mapper = PoolMapper(engine, workers)
+    if start:
+        mapper.start()
+    return mapper
 
 
 class PoolMapper:
@@ -84,10 +93,14 @@ class PoolMapper:
         self.restarts = 0
         """Times the pool was started again after a worker died."""
 
+    def start(self) -> None:
+        """Fork the worker processes now rather than on the first slice."""
+        self._submit([]).result()
+
     def map(self, records: Sequence[Record]) -> list[Mapped]:
         """A slice of the caller's (e.g. a pipeline's chunk): shared out among the workers in parts
-        when it is as long as a slice, mapped here when shorter."""
-        if len(records) < self._slice:
+        of at least ``_MIN_PART`` records, mapped here when too short for two parts."""
+        if len(records) < 2 * _MIN_PART:
             return self._local.map(records)
         part = max(_MIN_PART, -(-len(records) // (2 * self.workers)))
         return [mapped for _, mapped in self._pooled(iter(records), part)]

@@ -85,13 +85,14 @@ def sandbox() -> Iterator[Sandbox]:
         yield sandbox
 
 
-def test_a_run_killed_midway_resumes_without_loss_or_duplicates(sandbox: Sandbox, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_run_killed_midway_resumes_without_loss_or_duplicates(sandbox: Sandbox, tmp_path: Path, workers: int) -> None:
     data, expected_ids, expected_dead = _segment_events(20_000)
     events = tmp_path / "events.ndjson"
     events.write_bytes(data)
     sandbox.set_faults(Faults(latency=0.05))  # a slow Topsort: ~8 requests of 50 per 50 ms at most
     env = {**os.environ, "TOPSORT_API_KEY": KEY, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "engine", *_run_args(events, sandbox, tmp_path)]
+    command = [sys.executable, "-m", "engine", *_run_args(events, sandbox, tmp_path), "--workers", str(workers)]
 
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

@@ -45,6 +45,7 @@ from .options import (
     limits_from,
     report_fault,
     rules_option,
+    workers_option,
 )
 from ..delivery.dispatch import Dispatcher
 from ..errors import DeliveryError, EngineError
@@ -64,7 +65,7 @@ from ..ingest.files import (
     uncompressed_size,
 )
 from ..delivery.spool import Spool
-from ..mapping import InProcessMapper
+from ..workers import make_mapper
 from ..reports.summary import Tally
 
 UNANSWERED_LIMIT = 30.0
@@ -89,6 +90,7 @@ class _Target:
     spool: Path
     dead_letters: Path
     limits: InputLimits
+    workers: int
 
 
 _Inputs = Callable[[Spool, InputLimits, OnFault], list[Source]]
@@ -107,6 +109,7 @@ def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="SQLite file holding events between mapping and delivery, and how far each file was read."),
         delivery_tuning,
         input_limits,
+        workers_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -201,7 +204,8 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
         left_before = spool.unsent
         exported = spool.export_dead_letters(target.dead_letters)
         tally = Tally()
-        ingest = Pipeline(MapStep(InProcessMapper(engine), tally.add_mapped))
+        mapper = make_mapper(engine, target.workers, start=True)  # forks before any thread starts
+        ingest = Pipeline(MapStep(mapper, tally.add_mapped))
         dispatcher = target.delivery.dispatcher(spool)
         failure: EngineError | OSError | None = None
         terminated = threading.Event()
@@ -225,6 +229,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
             failure = exc
         finally:
             _on_sigterm(previous)
+            mapper.close()
             exported += spool.export_dead_letters(target.dead_letters)
             stderr.print(_summary(title, tally, dispatcher, left_before, spool.unsent, exported))
             if exported:
@@ -251,10 +256,10 @@ def _on_sigterm(handler: Any) -> Any:
 
 def _open_input(name: str, spool: Spool, limits: InputLimits, on_fault: OnFault) -> Source:
     if name == STDIN:
-        return Source(name, None, read_source(name, limits=limits, on_fault=on_fault), _stdin_at_hand, None)
+        return Source(name, None, read_source(name, limits=limits, on_fault=on_fault, decoded=False), _stdin_at_hand, None)
     key = str(Path(name).resolve())
     start = spool.checkpoint(key)
-    records = read_source(name, start, limits=limits, on_fault=on_fault)
+    records = read_source(name, start, limits=limits, on_fault=on_fault, decoded=False)
     return Source(name, key, records, lambda: True, _todo(name, start))
 
 
@@ -314,7 +319,7 @@ def _target(
         timeout=tuning["timeout"], policy=RetryPolicy(max_elapsed=retry_time,
                                                       unanswered_limit=min(UNANSWERED_LIMIT, retry_time)),
     )
-    return _Target(delivery, spool_path, dead_letters, limits)
+    return _Target(delivery, spool_path, dead_letters, limits, tuning["workers"])
 
 
 @contextmanager

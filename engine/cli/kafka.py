@@ -28,8 +28,8 @@ from ..errors import DeliveryError, EngineError, InputError, KafkaSetupError
 from ..ingest.files import STDIN, read_records
 from ..ingest.kafka.settings import ENV_PREFIX, kafka_settings, message_key, produce, producer_settings
 from ..ingest.kafka.worker import KafkaWorker
-from ..mapping import InProcessMapper
-from .options import api_key_or_exit, delivery_tuning, endpoint_or_exit, engine_or_exit, rules_option
+from ..workers import make_mapper
+from .options import api_key_or_exit, delivery_tuning, endpoint_or_exit, engine_or_exit, rules_option, workers_option
 
 _FLUSH_SECONDS = 30.0
 
@@ -106,12 +106,13 @@ def produce_command(inputs: tuple[str, ...], topic: str, config_file: Path | Non
               default=Path("segment-topsort-consume.spool"), show_default=True,
               help="This worker's own SQLite spool (one per worker; keep it on the worker's disk).")
 @delivery_tuning
+@workers_option
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=20.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds to go on delivering what was read before committing and leaving.")
 def consume_command(
     topic: str, group: str, dead_letter_topic: str | None, config_file: Path | None, bootstrap_servers: str | None,
     rule_dirs: tuple[Path, ...], endpoint: str, spool_path: Path, max_in_flight: int, max_latency: float,
-    max_retry_time: float, timeout: float, drain_timeout: float,
+    max_retry_time: float, timeout: float, workers: int, drain_timeout: float,
 ) -> None:
     """Consume Segment events from TOPIC as a member of GROUP and deliver them to Topsort.
 
@@ -123,10 +124,12 @@ def consume_command(
     settings = _settings_or_usage_error(config_file, bootstrap_servers)
     engine = engine_or_exit(rule_dirs)
     dead_letter_topic = dead_letter_topic or f"{topic}.dead-letters"
+    mapper = make_mapper(engine, workers, start=True)  # forked before librdkafka and delivery start threads
     try:
-        worker = KafkaWorker(InProcessMapper(engine), settings, topic=topic, group=group, dead_letter_topic=dead_letter_topic,
+        worker = KafkaWorker(mapper, settings, topic=topic, group=group, dead_letter_topic=dead_letter_topic,
                              spool_path=spool_path, drain_timeout=drain_timeout)
     except (EngineError, KafkaException) as exc:
+        mapper.close()
         raise click.ClickException(str(exc)) from None
     spool = worker.spool
     dispatcher = DeliveryTarget(endpoint, api_key, max_in_flight, max_latency, timeout,
@@ -142,6 +145,7 @@ def consume_command(
         except (DeliveryError, KafkaException, OSError) as exc:
             failure = exc
         finally:
+            mapper.close()
             stats = dispatcher.stats
             stderr.print(worker.tally.table("consume", extra={
                 "Topsort events delivered": stats.delivered, "requests sent": stats.requests,

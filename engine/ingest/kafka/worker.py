@@ -31,9 +31,9 @@ from rich.console import Console
 from ...delivery.dispatch import Dispatcher
 from ...delivery.pipeline import DeadLetterSink, MapStep, deliver
 from ...mapping import Mapper
+from ...record import Record
 from ...errors import DeadLetterTopicError
 from .settings import consumer_settings, message_key, produce, producer_settings
-from ..files import decode_line
 from ...delivery.spool import Chunk, Spool
 from ...reports.summary import Tally
 
@@ -232,7 +232,7 @@ class KafkaWorker:
                     stderr.print(f"[yellow]Kafka: {error.str()}[/]")
                 continue
             partition, offset = Partition(message.topic(), message.partition()), message.offset()
-            records.append(decode_line(partition.name, offset, message.value() or b""))
+            records.append(Record(partition.name, offset, message.value() or b""))  # decoded by the mapper
             positions.append((partition, offset))
         chunk = Chunk()
         for (partition, offset), (record, mapped) in zip(positions, self._step.map(records), strict=True):
