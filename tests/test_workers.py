@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -14,7 +15,8 @@ from benchmarks.corpus import lines
 from engine import Engine
 from engine.ingest.files import read_records
 from engine.mapping import InProcessMapper
-from engine.workers import SLICE, PoolMapper, make_mapper
+from engine import workers
+from engine.workers import SLICE, PoolMapper, _map_slice, make_mapper
 
 from .conftest import run_cli
 
@@ -94,20 +96,35 @@ def test_pool_mapper_shares_a_callers_slice_among_the_workers(tmp_path: Path) ->
     assert got == _same_time(expected, got)
 
 
-def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path) -> None:
+_DIE_ONCE = b'"messageId":"die-here"'
+"""The mark of the event whose slice kills the worker mapping it, the first time only."""
+
+
+def _dying_once(wire: Any) -> Any:
+    """``_map_slice`` in a worker that dies (as a kill -9 would end it) on the first slice holding the mark."""
+    flag = Path(os.environ["SEGMENT_TOPSORT_TEST_FLAG"])
+    if _DIE_ONCE in wire[0] and not flag.exists():
+        flag.touch()
+        os._exit(1)
+    return _map_slice(wire)
+
+
+def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = _hostile_mix(tmp_path / "mix.ndjson", 4 * SLICE)
+    marked = corpus.read_bytes().splitlines()
+    marked.insert(300, next(line for line in marked if b'"messageId":"' in line).replace(
+        b'"messageId":"', b'"messageId":"die-here","was":"', 1))
+    corpus.write_bytes(b"\n".join(marked) + b"\n")
     engine = Engine.from_folders()
     expected = InProcessMapper(engine).map(list(read_records([corpus])))
+    monkeypatch.setenv("SEGMENT_TOPSORT_TEST_FLAG", str(tmp_path / "died"))
+    monkeypatch.setattr(workers, "_map_slice", _dying_once)  # forked workers inherit it
     pool = PoolMapper(engine, 2, slice_size=32)
-    got = []
     try:
-        for record, mapped in pool.stream(read_records([corpus], decoded=False)):
-            got.append(mapped)
-            if len(got) == 100:
-                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+        got = [mapped for _, mapped in pool.stream(read_records([corpus], decoded=False))]
     finally:
         pool.close()
-    assert pool.restarts >= 1
+    assert (tmp_path / "died").exists() and pool.restarts == 1
     assert got == _same_time(expected, got)
 
 
