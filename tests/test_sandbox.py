@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,3 +291,20 @@ def test_cli_needs_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(sandbox_command, ["--port", "0"])
     assert result.exit_code == 2
     assert "TOPSORT_API_KEY" in result.output
+
+
+def test_the_command_serves_until_terminated(tmp_path: Path) -> None:
+    env = {**os.environ, "TOPSORT_API_KEY": "k-cli"}
+    command = [sys.executable, "-m", "engine", "sandbox", "--port", "0", "--store", str(tmp_path / "kept.ndjson")]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = process.stdout.readline()
+        assert first.startswith("Topsort sandbox on http://127.0.0.1:"), first + process.stderr.read()
+        url = first.split(" on ")[1].split(": POST")[0]
+        answer = httpx.post(f"{url}/v2/events", json={"impressions": [_impression("cli-1")]},
+                            headers={"Authorization": "Bearer k-cli"})
+        assert answer.status_code == 204, answer.text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert orjson.loads((tmp_path / "kept.ndjson").read_bytes().splitlines()[0])["event"]["id"] == "cli-1"

@@ -54,6 +54,7 @@ def sandbox_command(
         sandbox = Sandbox(
             api_key, faults=faults, seed=seed, poison_prefix=poison_prefix, store_file=store_file, host=host, port=port
         )
-        sandbox.serve_forever()
+        sandbox.serve_forever(lambda url: click.echo(
+            f"Topsort sandbox on {url}: POST /v2/events; GET /_sandbox/events, /_sandbox/stats"))
     except (ValueError, RuntimeError, OSError, ServerStartError) as exc:
         raise click.ClickException(str(exc)) from exc

@@ -31,6 +31,7 @@ import hmac
 import random
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -257,10 +258,12 @@ class Sandbox:
             self._thread.join()
         self.store.close()
 
-    def serve_forever(self) -> None:
-        """Serve in this thread until interrupted (Ctrl-C or SIGTERM); prints the URL first."""
+    def serve_forever(self, listening: Callable[[str], None] | None = None) -> None:
+        """Serve in this thread until interrupted (Ctrl-C or SIGTERM); ``listening`` is told the URL
+        once the socket is bound."""
         sock, self.url = listen(*self._address)
-        click.echo(f"Topsort sandbox on {self.url}: POST /v2/events; GET /_sandbox/events, /_sandbox/stats")
+        if listening is not None:
+            listening(self.url)
         try:
             _server(self._service.app).run(sockets=[sock])
         finally:
