@@ -144,7 +144,6 @@ def _consume(folder: Path, corpus: Path, url: str, args: argparse.Namespace) -> 
 def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str, str, float]]:
     """µs per input event of each stage, measured one stage at a time in this process."""
     engine = Engine.from_folders()
-    mapper = InProcessMapper(engine)
     _start_worker(engine, os.getppid())
     rows: list[tuple[str, str, float]] = []
 

@@ -21,7 +21,6 @@ import resource
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import httpx

@@ -56,11 +56,11 @@ def _without_time(dead_letters: bytes) -> list[dict]:
 def test_map_with_two_workers_writes_the_same_bytes_as_one(tmp_path: Path, output_format: str) -> None:
     corpus = _hostile_mix(tmp_path / "mix.ndjson", 3 * SLICE)
     runs = {}
-    for workers in ("1", "2"):
-        rejects = tmp_path / f"rejects-{workers}.ndjson"
-        done = run_cli("map", str(corpus), "--workers", workers, "--rejects", str(rejects), "--format", output_format)
+    for count in ("1", "2"):
+        rejects = tmp_path / f"rejects-{count}.ndjson"
+        done = run_cli("map", str(corpus), "--workers", count, "--rejects", str(rejects), "--format", output_format)
         assert done.returncode == 0, done.stderr
-        runs[workers] = (done.stdout, _without_time(rejects.read_bytes()))
+        runs[count] = (done.stdout, _without_time(rejects.read_bytes()))
     assert runs["2"][0] == runs["1"][0]
     assert runs["2"][1] == runs["1"][1]
     assert len(runs["1"][1]) > 20  # broken, too deep and unmappable events were dead-lettered

@@ -12,7 +12,6 @@ which Topsort deduplicates. Settings: :mod:`engine.ingest.kafka.settings`.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path

@@ -20,8 +20,6 @@ delivery a moment to empty the spool.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import signal
 import threading
 from types import TracebackType
