@@ -1,4 +1,4 @@
-"""``python -m benchmarks`` (or ``segment-topsort bench``): the engine against a naive interpreter
+"""``python -m benchmarks``: the engine against a naive interpreter
 of the same rules and a hand-written mapping, on one seeded corpus; peak RSS of ``map``; rule load time."""
 
 from __future__ import annotations

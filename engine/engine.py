@@ -45,16 +45,12 @@ class Engine:
         message_id = event.get("messageId")
         emitted: list[Emitted] = []
         rejected: list[Rejection] = []
-        rule: Rule | None = None
-        rules = iter(self._router.route(event))
-        while True:  # a rule that fails is that rule's rejection; the rules after it still run
+        for rule in self._router.route(event):
             try:  # free in CPython 3.11+ until something raises
-                for rule in rules:
-                    if rule.wants(event):
-                        rule.apply(event, emitted, rejected)
-                break
-            except Exception as exc:  # noqa: BLE001 - the boundary: one event's failure is its rejection
-                rejected.append(failure_rejection(rule.name if rule else None, exc))
+                if rule.wants(event):
+                    rule.apply(event, emitted, rejected)
+            except Exception as exc:  # noqa: BLE001 - the boundary: a rule that fails is its rejection
+                rejected.append(failure_rejection(rule.name, exc))  # and the rules after it still run
         return Outcome(
             message_id if isinstance(message_id, str) else None, tuple(emitted), tuple(rejected)
         )

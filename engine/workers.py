@@ -2,7 +2,7 @@
 
 Worker processes are forked from the process that compiled the rules, so they start with the
 engine in memory (no imports or compilation paid again). The parent sends slices of records as
-the bytes it read (undecoded lines; a decoded event re-encoded), the workers decode, route, map,
+the bytes it holds (undecoded lines; a decoded event's encoding), the workers decode, route, map,
 validate and encode, and send back :class:`~engine.mapping.Mapped` values: encoded Topsort events,
 rejections and encoded dead letters. The parent keeps order: results come back slice by slice, in
 the order the slices went out.
@@ -28,11 +28,10 @@ from itertools import chain, islice
 
 import orjson
 
-from .delivery.dead_letters import rejected_input
 from .engine import Engine
 from .mapping import InProcessMapper, Mapped, MappedEvent, Mapper
-from .outcome import Outcome, Rejection
-from .record import Record
+from .outcome import Outcome, Rejection, rejected_input
+from .record import Record, decode
 
 SLICE = 512
 """Records sent to a worker at once: large enough that a slice's overhead is small, small enough
@@ -44,11 +43,11 @@ _ORPHAN_CHECK = 0.5
 _MIN_PART = 64
 """The fewest records :meth:`PoolMapper.map` sends to a worker at once."""
 
-_Wire = tuple[bytes, list[int], list[int], list[str], dict[int, tuple["bytes | None", "str | None"]]]
+_Wire = tuple[bytes, list[int], list[int], list[str], dict[int, "str | None"]]
 """A slice of records as it crosses to a worker: their raw bytes joined, the length of each, their
-lines, their origins, and for the few a source decoded or refused, by position: the event encoded
-(e.g. one event of a batch body) or why it could not be decoded. One bytes object per slice, not
-one per record, keeps the crossing to a copy."""
+lines, their origins, and for the few a source decoded or refused, by position: None (decoded there:
+``raw`` is the event's encoding, e.g. one event of a batch body) or why it could not be decoded. One
+bytes object per slice, not one per record, keeps the crossing to a copy."""
 
 _MappedWire = tuple["str | None", str, tuple[tuple, ...], tuple[tuple, ...], "bytes | None"]
 """A :class:`Mapped` as it crosses back: the same values in plain tuples, which pickle and unpickle
@@ -177,15 +176,9 @@ class PoolMapper:
 
 
 def _to_wire(part: list[Record]) -> _Wire:
-    decoded: dict[int, tuple[bytes | None, str | None]] = {}
-    for index, record in enumerate(part):
-        if record.error is not None:
-            decoded[index] = (None, record.error)
-        elif record.event is not None:
-            try:
-                decoded[index] = (orjson.dumps(record.event), None)
-            except orjson.JSONEncodeError:  # deeper, or an integer larger, than JSON encoders write
-                decoded[index] = (None, f"{record.origin}:{record.line}: cannot be encoded as JSON")
+    decoded: dict[int, str | None] = {
+        index: record.error for index, record in enumerate(part) if record.error is not None or record.event is not None
+    }
     raws = [record.raw for record in part]
     return (b"".join(raws), [len(raw) for raw in raws], [record.line for record in part],
             [record.origin for record in part], decoded)
@@ -213,10 +206,9 @@ def _map_slice(wire: _Wire) -> list[_MappedWire]:
     for index, length in enumerate(lengths):
         raw = blob[start:start + length]
         start += length
-        record = Record(origins[index], lines[index], raw)
-        if index in decoded:
-            event, error = decoded[index]
-            record = record._replace(event=orjson.loads(event) if event is not None else None, error=error)
+        record = Record(origins[index], lines[index], raw, error=decoded.get(index))
+        if index in decoded and record.error is None:  # the source decoded it (and checked its depth)
+            record = decode(record, check_depth=False)
         one = _worker_mapper.map_one(record)
         mapped.append((one.message_id, one.verdict, tuple(map(tuple, one.events)), tuple(map(tuple, one.rejected)),
                        one.dead_letter))

@@ -1,8 +1,8 @@
 """``segment-topsort consume`` and ``produce``: Segment events through Kafka, delivered to Topsort.
 
-``consume`` is one worker of a consumer group (:class:`~engine.kafka_worker.KafkaWorker`). It maps
+``consume`` is one worker of a consumer group (:class:`~engine.ingest.kafka.worker.KafkaWorker`). It maps
 each message (one Segment event, JSON) and delivers the results through the same spool and
-:class:`~engine.dispatch.Dispatcher` as ``run``; rejected events go to a dead-letter topic.
+:class:`~engine.delivery.dispatch.Dispatcher` as ``run``; rejected events go to a dead-letter topic.
 Delivery is at least once: a partition's offset is committed only up to the first message whose
 Topsort events are not all settled in the spool (delivered, or dead-lettered) or whose dead letter
 the topic has not yet acknowledged; about once a second, when partitions are revoked, and on

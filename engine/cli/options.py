@@ -64,7 +64,7 @@ def rule_folders(command: F) -> F:
 
 def delivery_tuning(command: F) -> F:
     """``--max-in-flight``, ``--max-latency``, ``--max-retry-time`` and ``--timeout``: how the
-    :class:`~engine.dispatch.Dispatcher` sends to Topsort."""
+    :class:`~engine.delivery.dispatch.Dispatcher` sends to Topsort."""
     options = [
         click.option("--max-in-flight", type=click.IntRange(1, 64), default=8, show_default=True,
                      help="Requests to Topsort at once."),
@@ -118,7 +118,7 @@ def report_fault(console: Console, tally: Tally, fault: SourceFault) -> None:
 
 
 def api_key_or_exit(key_file: Path | None, missing: str) -> str:
-    """The Topsort API key (:func:`~engine.api_key.read_api_key`), or a usage error: ``missing``
+    """The Topsort API key (:func:`~engine.delivery.api_key.read_api_key`), or a usage error: ``missing``
     when none is set, the one-sentence reason when it cannot be used."""
     try:
         key = read_api_key(key_file)

@@ -50,7 +50,8 @@ Path_ = tuple[str | int, ...]
 SOURCES = ("from", "const", "first", "merge", "fields")
 SPEC_KEYS = frozenset((*SOURCES, "each", "item", "if", "lookup", "default", "as"))
 DEFAULT_ITEM = "item"
-_LOOKUP_KEYS = (str, int, float, bool)
+LOOKUP_KEYS = (str, int, float, bool)
+"""The types a ``lookup`` table's keys may match (anything else is a miss)."""
 
 
 class Output(NamedTuple):
@@ -392,7 +393,7 @@ def _finish(produce: Emit, spec: dict[str, Any]) -> Emit:
         value = produce(writer, scope)
         if "lookup" in spec:
             value = writer.local(f"{writer.bind(spec['lookup'])}.get({value}) "
-                                 f"if isinstance({value}, {writer.bind(_LOOKUP_KEYS)}) else None")
+                                 f"if isinstance({value}, {writer.bind(LOOKUP_KEYS)}) else None")
         if "as" in spec:
             value = writer.local(f"{writer.bind(COERCIONS[spec['as']])}({value})")
         if "default" in spec:

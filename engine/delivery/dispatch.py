@@ -4,13 +4,13 @@
 It owns the spool while it runs (SQLite connections stay on one thread), so chunks of mapped input
 are handed to it with :meth:`Dispatcher.offer` (from the pipeline's thread, see
 :func:`engine.delivery.pipeline.deliver`) and committed by its loop, a few at most ahead of delivery. Events are packed by
-:class:`~engine.batching.Batcher` (up to 50 per array, kinds mixed); a batch leaves when an array is
+:class:`~engine.topsort.batching.Batcher` (up to 50 per array, kinds mixed); a batch leaves when an array is
 full or its oldest event has waited ``max_latency`` seconds. Up to ``max_in_flight`` requests run
 at once, in worker threads sharing one keep-alive ``httpx.Client`` (its synchronous pool costs
 about half the CPU per request of the asynchronous one).
 
 * 2xx: the batch is delivered.
-* network errors, timeouts, 408, 429, 5xx: retried as :class:`~engine.retry.RetryPolicy` says;
+* network errors, timeouts, 408, 429, 5xx: retried as :class:`~engine.delivery.retry.RetryPolicy` says;
   a delay the server names (``Retry-After``, ``X-RateLimit-Reset``) pauses every request. Once the
   time budget is spent, the batch's events are dead-lettered as undeliverable.
 * 400, 422 and other refusals: Topsort refused the whole request without saying which event was
@@ -400,7 +400,7 @@ class Dispatcher:
             self._sleep(self._paused_until - clock.monotonic())
             outcome.requests += 1
             if self._first_sent is None:
-                self._first_sent = time.monotonic()
+                self._first_sent = clock.monotonic()
             try:
                 response = client.post(self.url, content=body)
             except httpx.TransportError as exc:  # its text may quote a header: never the key
@@ -432,7 +432,7 @@ class Dispatcher:
         limit = self._policy.unanswered_limit
         if limit is None or self._answered or self._first_sent is None:
             return
-        waited = time.monotonic() - self._first_sent
+        waited = self._clock.monotonic() - self._first_sent
         if waited >= limit or next_try > self._policy.max_elapsed:
             raise UnreachableError(
                 f"{self.url} has not answered once in {waited:.0f} s ({problem}): check --endpoint and the"

@@ -3,7 +3,8 @@
 * :class:`MapStep` is the per-record step: a slice of records goes through a
   :class:`~engine.mapping.Mapper`, each :class:`~engine.mapping.Mapped` is counted and packed into a
   spool :class:`~engine.delivery.spool.Chunk` (its encoded events and its dead letter). ``run``,
-  ``replay``, ``serve`` and ``consume`` all pack through it.
+  ``replay`` and ``consume`` map and pack through it; ``serve``, which maps request by request,
+  packs through the same :func:`pack`.
 * :class:`Pipeline` slices :class:`Source` s (files, standard input, dead-letter files) into chunks,
   each chunk carrying the checkpoint that acknowledges its records: once the spool committed the
   chunk, a restarted run resumes after it. ``serve`` acknowledges a request by answering it once

@@ -20,11 +20,9 @@ from typing import Any
 
 from ..topsort.coercion import COERCIONS
 from ..compile.expressions import JMESPathError, compile_expression
-from ..compile.fields import DEFAULT_ITEM, SOURCES, is_spec, truthy
+from ..compile.fields import DEFAULT_ITEM, LOOKUP_KEYS, SOURCES, is_spec, truthy
 from ..errors import FieldError
 from .rule import TRACK, Rule
-
-_LOOKUP_KEYS = (str, int, float, bool)
 
 
 @dataclass
@@ -178,7 +176,7 @@ def _finish(spec: dict[str, Any], context: Any, at: str, coverage: RuleTestCover
     value = _source(spec, context, at, coverage)
     if "lookup" in spec:
         table = spec["lookup"]
-        known = isinstance(value, _LOOKUP_KEYS) and value in table
+        known = isinstance(value, LOOKUP_KEYS) and value in table
         if value is not None:
             _hit(coverage, at, "lookup hit" if known else "lookup miss")
         value = table[value] if known else None

@@ -52,7 +52,7 @@ class Rule:
     spec: dict[str, Any]
     tests: list[dict[str, Any]] = field(default_factory=list)
     # apply(event, emitted, rejected): map and validate an event this rule wants, appending what it
-    # emits and what it rejects (the engine's hot path; generated at load, see engine.codegen)
+    # emits and what it rejects (the engine's hot path; generated at load, see engine.compile.codegen)
     apply: Callable[[dict[str, Any], list[Emitted], list[Rejection]], None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -37,7 +37,7 @@ class RuleReloader:
         with self._lock:
             self._loaded_state = _rule_files_state(self._folders)
             try:
-                rules, problems = check_rules(self._folders)
+                rules, problems = check_rules(self._folders, double_counts=False)
                 errors = [str(p) for p in problems if p.severity == "error"]
             except Exception as exc:  # a loader fault (RecursionError, MemoryError, ...) must not end serve
                 rules, problems, errors = [], [], [f"{exc.__class__.__name__}: {exc}"]

@@ -1,7 +1,7 @@
 """``segment-topsort serve``: receive Segment events over HTTP and deliver them to Topsort.
 
 A request is answered 200 only once its events are committed to the spool; they are mapped by the
-rules on arrival and delivered in the background by the same :class:`~engine.dispatch.Dispatcher`
+rules on arrival and delivered in the background by the same :class:`~engine.delivery.dispatch.Dispatcher`
 as ``run``. The pieces:
 
 * :mod:`engine.ingest.http.app`: the HTTP application: paths, credentials, CORS, refusals;
@@ -112,6 +112,3 @@ class Server:
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         threading.Thread(target=self.receiver.reload_rules, name="segment-topsort-reload", daemon=True).start()
-
-
-# -- the command -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ chunks of mapped messages to delivery through a queue; when delivery falls behin
 partitions and goes on polling, so rebalances and commits are still served.
 
 The *delivery thread* (the caller of :meth:`KafkaWorker.run`) runs the
-:class:`~engine.dispatch.Dispatcher`; on its ticks it writes the spool's dead letters to the
+:class:`~engine.delivery.dispatch.Dispatcher`; on its ticks it writes the spool's dead letters to the
 dead-letter topic and marks settled messages done. A partition's offset is committed only up to
 the first message not yet done (its Topsort events settled, its dead letter acknowledged).
 
