@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.corpus import write_ndjson  # noqa: E402
+from benchmarks.resources import MAX_RSS, TIME  # noqa: E402
 from engine.paths import BUNDLED_RULES  # noqa: E402
 
-_TIME = "/usr/bin/time"
-_MAX_RSS = re.compile(rb"Maximum resident set size \(kbytes\): (\d+)")
 _EDIT = ("opaqueUserId: {first: [anonymousId, userId]}", "opaqueUserId: anonymousId")
 
 
@@ -79,9 +77,9 @@ def _run(arguments: list[str]) -> tuple[float, float]:
     (larger) process would carry this process's peak into its own across exec.
     """
     command = [sys.executable, "-m", "engine", *arguments]
-    timed = Path(_TIME).exists()
+    timed = Path(TIME).exists()
     start = time.perf_counter()
-    process = subprocess.Popen([_TIME, "-v", *command] if timed else command,
+    process = subprocess.Popen([TIME, "-v", *command] if timed else command,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert process.stderr is not None
     errors = process.stderr.read()
@@ -89,7 +87,7 @@ def _run(arguments: list[str]) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{arguments[0]} failed:\n{errors.decode(errors='replace')[-2000:]}")
-    found = _MAX_RSS.search(errors) if timed else None
+    found = MAX_RSS.search(errors) if timed else None
     return seconds, (int(found.group(1)) if found else usage.ru_maxrss) / 1024
 
 

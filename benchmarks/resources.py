@@ -22,8 +22,8 @@ from engine.paths import BUNDLED_RULES
 
 from .corpus import write_ndjson
 
-_TIME = "/usr/bin/time"
-_MAX_RSS = re.compile(rb"Maximum resident set size \(kbytes\): (\d+)")
+TIME = "/usr/bin/time"
+MAX_RSS = re.compile(rb"Maximum resident set size \(kbytes\): (\d+)")
 _COLD_LOAD = (
     "import sys, time\n"
     "from engine import Engine\n"
@@ -60,9 +60,9 @@ def map_peak_rss(events: int, seed: int, workdir: Path) -> MapRun:
     size = write_ndjson(corpus, events, seed)
     command = [sys.executable, "-m", "engine", "map", str(corpus), "--rejects", str(workdir / "rejects.ndjson")]
     start = time.perf_counter()
-    if Path(_TIME).exists():
-        done = subprocess.run([_TIME, "-v", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        found = _MAX_RSS.search(done.stderr)
+    if Path(TIME).exists():
+        done = subprocess.run([TIME, "-v", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        found = MAX_RSS.search(done.stderr)
         kib, method = (int(found.group(1)) if found else 0), "/usr/bin/time -v"
     else:
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
