@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.standin import start_server  # noqa: E402
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
 from engine.outcome import Emitted  # noqa: E402
 from engine.record import Record  # noqa: E402
@@ -78,23 +78,8 @@ def _round(url: str, count: int, in_flight: int, number: int) -> float:
 
 def start_sandbox() -> tuple[str, subprocess.Popen[bytes]]:
     """``segment-topsort sandbox`` in a process of its own, accepting :data:`KEY`: its URL and process."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "TOPSORT_API_KEY": KEY}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "engine", "sandbox", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1],
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            httpx.get(f"{url}/_sandbox/stats")
-            return url, server
-        except httpx.TransportError:
-            time.sleep(0.05)
-    server.terminate()
-    raise SystemExit("the sandbox did not start")
+    return start_server(lambda port: [sys.executable, "-m", "engine", "sandbox", "--port", str(port)],
+                        {**os.environ, "TOPSORT_API_KEY": KEY})
 
 
 if __name__ == "__main__":

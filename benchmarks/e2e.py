@@ -3,8 +3,8 @@
     .venv/bin/python -m benchmarks.e2e [--events 100000] [--rounds 2] [--rss-events 1000000] [--skip-kafka]
 
 On the benchmark corpus in stream order, in one run: ``map --workers 1`` and ``map --workers 2`` to
-/dev/null, ``run`` (``--workers 2`` when it has the option) into the sandbox in its own process (spool on,
-default durability), and one ``consume`` worker from a pre-filled topic on the Tansu test broker; each as
+/dev/null, ``run`` (``--workers 2`` when it has the option) into a loopback Topsort stand-in in its own process
+(:mod:`benchmarks.standin`: answers 204 without the sandbox's schema checks; spool on, default durability), and one ``consume`` worker from a pre-filled topic on the Tansu test broker; each as
 events/s of the whole process (start-up included) and as a ratio to ``map --workers 1``. Commands
 alternate round by round and the best round is kept, since the machine may be shared. Then where the
 time goes: the cost per event of each stage, in the process that pays it, and the CPU seconds of the
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.corpus import write_ndjson  # noqa: E402
-from benchmarks.delivery import KEY, start_sandbox  # noqa: E402
+from benchmarks.delivery import KEY  # noqa: E402
+from benchmarks.standin import start_standin  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.delivery.dead_letters import rejected_input  # noqa: E402
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
@@ -78,13 +79,13 @@ def main() -> None:
         write_ndjson(corpus, args.events, args.seed)
         print(f"corpus: {args.events:,} events in stream order (seed {args.seed}); {os.cpu_count()} cores, "
               f"usable {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.2f} (the machine may be shared)")
-        url, sandbox = start_sandbox()
+        url, standin = start_standin(KEY)
         try:
             rates, usage = _commands(folder, corpus, url, args)
             stages = _stages(corpus, folder, url, args.stage_events)
         finally:
-            sandbox.terminate()
-            sandbox.wait()
+            standin.terminate()
+            standin.wait()
         rss = None if args.skip_rss else _peak_rss(folder, args.rss_events, args.seed)
     _print(rates, usage, stages, rss, args)
 
