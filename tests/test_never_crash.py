@@ -224,6 +224,14 @@ def test_6_a_yaml_alias_bomb_is_refused_with_file_and_line(tmp_path: Path) -> No
         in done.stderr
 
 
+def test_6_recursive_yaml_aliases_are_refused_as_recursive(tmp_path: Path) -> None:
+    (tmp_path / "loop.yaml").write_text("base: &base {again: *base}\nrules: []\n")
+    done = run_cli("check", str(tmp_path))
+    assert done.returncode == 1
+    assert f"{tmp_path / 'loop.yaml'}:1:7: error: not valid YAML: an alias refers to a node that contains it".encode() \
+        in done.stderr
+
+
 @pytest.mark.parametrize(("expression", "column", "why"), [
     (" || ".join(f"a{i}" for i in range(300)), 12, "nested more than 64 levels deep"),
     ("(" * 900 + "messageId" + ")" * 900, 12 + 64, "brackets nested more than 64 deep"),

@@ -41,6 +41,13 @@ def test_expression_const_and_omitted_nulls(tmp_path: Path) -> None:
     assert one(engine) == {"channel": "offsite"}
 
 
+def test_an_unquoted_yaml_date_is_the_text_written(tmp_path: Path) -> None:
+    """YAML reads 2026-11-27 as a date; JSON has none, so a rule's const keeps the text as written."""
+    engine = engine_with(tmp_path, "      resolvedBidId: {const: 2026-11-27}\n"
+                                   "      externalCampaignId: {const: 2026-11-27T10:00:00Z}\n")
+    assert one(engine) == {"resolvedBidId": "2026-11-27", "externalCampaignId": "2026-11-27T10:00:00Z"}
+
+
 def test_first_skips_nulls_and_empty_strings(tmp_path: Path) -> None:
     engine = engine_with(tmp_path, "      resolvedBidId: {first: [properties.a, properties.b, {const: fallback}]}\n")
     assert one(engine, properties={"a": "", "b": "B"}) == {"resolvedBidId": "B"}

@@ -42,8 +42,17 @@ class YamlDocument:
         return self.values.get(())
 
 
+def _with_text_timestamps(loader: type) -> type:
+    """``loader`` keeping a date or time written unquoted (``2026-11-27``) as the text it is: rule files
+    describe JSON, which has no date type (a date object used to reach events quoted twice)."""
+    subclass = type(loader.__name__, (loader,), {"yaml_constructors": dict(loader.yaml_constructors)})
+    subclass.add_constructor("tag:yaml.org,2002:timestamp", lambda self, node: self.construct_scalar(node))
+    return subclass
+
+
+_SAFE_LOADER = _with_text_timestamps(yaml.SafeLoader)
 # libyaml's parser where PyYAML was built with it (its wheels are): same nodes and marks, ~3x faster
-_FAST_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_FAST_LOADER = _with_text_timestamps(getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def load_yaml(path: str | Path) -> YamlDocument:
@@ -52,9 +61,9 @@ def load_yaml(path: str | Path) -> YamlDocument:
     try:
         return _load(str(path), text, _FAST_LOADER)
     except YamlSyntaxError:
-        if _FAST_LOADER is yaml.SafeLoader:
+        if not hasattr(yaml, "CSafeLoader"):
             raise
-        return _load(str(path), text, yaml.SafeLoader)  # PyYAML's own messages say what it found instead
+        return _load(str(path), text, _SAFE_LOADER)  # PyYAML's own messages say what it found instead
 
 
 def _load(path: str, text: str, loader_class: Any) -> YamlDocument:
@@ -81,20 +90,25 @@ def _load(path: str, text: str, loader_class: Any) -> YamlDocument:
 
 def _check_expansion(root: yaml.Node) -> None:
     """Refuse a document whose aliases expand beyond :data:`MAX_YAML_VALUES` values (an alias
-    bomb) or nests deeper than :data:`MAX_YAML_DEPTH` (recursive aliases do): each at the node
-    where it happens, before anything walks the expanded tree."""
+    bomb), refer to a node that contains them (recursive) or nest deeper than :data:`MAX_YAML_DEPTH`:
+    each at the node where it happens, before anything walks the expanded tree."""
     sizes: dict[int, int] = {}
+    open_: set[int] = set()  # the nodes whose children are being checked: the current node's ancestors
     stack: list[tuple[yaml.Node, bool, int]] = [(root, False, 1)]
     while stack:
         node, children_done, depth = stack.pop()
         if not children_done:
             if id(node) in sizes:
                 continue
+            if id(node) in open_:
+                raise YamlSyntaxError("an alias refers to a node that contains it (recursive aliases)", _at(node))
             if depth > MAX_YAML_DEPTH:
                 raise YamlSyntaxError(f"nested more than {MAX_YAML_DEPTH} levels deep", _at(node))
+            open_.add(id(node))
             stack.append((node, True, depth))
             stack.extend((child, False, depth + 1) for child in _children(node) if id(child) not in sizes)
             continue
+        open_.discard(id(node))
         size = 1 + sum(sizes[id(child)] for child in _children(node))
         if size > MAX_YAML_VALUES:
             raise YamlSyntaxError(
