@@ -153,8 +153,8 @@ def test_two_rules_for_the_same_event_and_kind_are_warned_about(tmp_path: Path) 
 
 
 def test_a_constant_that_is_no_json_value_is_an_error_not_a_crash(tmp_path: Path) -> None:
-    rule = RULE.format(name="dated", event="Tap", channel="onsite").replace(
-        "channel: {const: onsite}", "externalVendorId: {const: [2026-11-27]}")  # YAML makes a date of it
+    rule = RULE.format(name="binary", event="Tap", channel="onsite").replace(
+        "channel: {const: onsite}", "externalVendorId: {const: [!!binary aGVsbG8=]}")  # YAML makes bytes of it
     _, problems = check_rules([_write(tmp_path, "r.yaml", "rules:" + rule)])
     assert [(p.rule, p.field, p.message.split(": ", 1)[1]) for p in problems] == [
-        ("dated", "externalVendorId", "not a JSON value (Unsupported type: 'date')")]
+        ("binary", "externalVendorId", "not a JSON value (Unsupported type: 'bytes')")]
