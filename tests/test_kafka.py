@@ -7,6 +7,7 @@ ephemeral port of 127.0.0.1. Without it the broker tests are skipped (and fail u
 from __future__ import annotations
 
 import logging
+import gzip
 import os
 import signal
 import socket
@@ -337,6 +338,19 @@ def test_produce_keys_each_user_to_one_partition(broker: str, tmp_path: Path) ->
     assert all(len(found) == 1 for found in partitions.values())
     order = [orjson.loads(m.value())["messageId"] for m in messages if m.key() == b"a-1"]
     assert order == [f"k-{n}" for n in range(1, 50, 5)]
+
+
+def test_produce_reports_a_damaged_file_and_writes_the_next(broker: str, tmp_path: Path) -> None:
+    _create_topic(broker, "damaged", 1)
+    whole = gzip.compress(b"".join(orjson.dumps({"type": "page", "messageId": f"d-{n}"}) + b"\n" for n in range(200)))
+    (tmp_path / "a-cut.ndjson.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "b-good.ndjson").write_bytes(orjson.dumps({"type": "page", "messageId": "good"}) + b"\n")
+    done = _cli("produce", "--bootstrap-servers", broker, "--topic", "damaged", str(tmp_path), stderr=subprocess.PIPE)
+    _, err = done.communicate(timeout=30)
+    assert done.returncode == 3, err.decode()
+    assert "a-cut.ndjson.gz" in err.decode()
+    ids = [orjson.loads(m.value())["messageId"] for m in _read_topic(broker, "damaged", 1)]
+    assert ids[-1] == "good" and len(set(ids)) == len(ids)
 
 
 def test_two_workers_one_killed_every_event_once(broker: str, sandbox: Sandbox, tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ which Topsort deduplicates. Settings: :mod:`engine.ingest.kafka.settings`.
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,12 @@ from ..errors import DeliveryError, EngineError, InputError, KafkaSetupError
 from ..ingest.files import STDIN, read_records
 from ..ingest.kafka.settings import ENV_PREFIX, kafka_settings, message_key, produce, producer_settings
 from ..ingest.kafka.worker import KafkaWorker
+from ..reports.summary import Tally
 from ..workers import make_mapper
-from .options import api_key_or_exit, delivery_tuning, endpoint_or_exit, engine_or_exit, rules_option, workers_option
+from .options import (
+    EXIT_INPUT_SKIPPED, api_key_or_exit, delivery_tuning, endpoint_or_exit, engine_or_exit, report_fault, rules_option,
+    workers_option,
+)
 
 _FLUSH_SECONDS = 30.0
 
@@ -65,7 +71,8 @@ def produce_command(inputs: tuple[str, ...], topic: str, config_file: Path | Non
     """Write Segment events from files, folders, archives or - (stdin, the default) to a Kafka topic.
 
     One event per message, keyed by anonymousId, else userId; lines that are not JSON are
-    written as they are (the consumer dead-letters them).
+    written as they are (the consumer dead-letters them). A file that cannot be read to its end is
+    reported and the next one is read; the command then exits 3.
     """
     producer = Producer(producer_settings(_settings_or_usage_error(config_file, bootstrap_servers)))
     failures: list[KafkaError] = []
@@ -75,8 +82,9 @@ def produce_command(inputs: tuple[str, ...], topic: str, config_file: Path | Non
             failures.append(error)
 
     sent = 0
+    tally = Tally()
     try:
-        for record in read_records(inputs or (STDIN,)):
+        for record in read_records(inputs or (STDIN,), on_fault=partial(report_fault, stderr, tally)):
             produce(producer, topic, record.raw, message_key(record.event), on_delivery=delivered)
             sent += 1
     except InputError as exc:
@@ -87,6 +95,8 @@ def produce_command(inputs: tuple[str, ...], topic: str, config_file: Path | Non
         problem = failures[0].str() if failures else f"{left} still unacknowledged after {_FLUSH_SECONDS:.0f} s"
         raise click.ClickException(f"{len(failures) + left} of {sent} event(s) not written to {topic}: {problem}")
     stderr.print(f"Wrote {sent:,} event(s) to {topic}.")
+    if tally.faults:
+        sys.exit(EXIT_INPUT_SKIPPED)
 
 
 # -- consume ---------------------------------------------------------------------------------------
