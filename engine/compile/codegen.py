@@ -21,7 +21,7 @@ from typing import Any
 from jmespath.exceptions import JMESPathError
 
 from .expressions import ExpressionSyntaxError, parse, resolve_call
-from .jmespath_compiler import is_false
+from .jmespath_compiler import chain_links, is_false
 
 Emit = Callable[["Writer", "Scope"], str]
 _INDENT = "    "
@@ -185,7 +185,7 @@ def _inlinable(node: dict[str, Any]) -> bool:
     if kind == "field":
         return True
     if kind in ("subexpression", "pipe"):
-        links = _links(node)
+        links = chain_links(node)
         return bool(links) and all(link["type"] == "field" for link in links)
     if kind == "literal":
         return isinstance(node["value"], (str, int, float, bool, type(None)))
@@ -202,23 +202,12 @@ def _raises(node: dict[str, Any]) -> bool:
     return node["type"] == "function_expression" or any(map(_raises, node.get("children", ())))
 
 
-def _links(node: dict[str, Any]) -> list[dict[str, Any]]:
-    """The steps of a chain of ``.`` and ``|``, with the no-op ``@`` steps left out."""
-    links: list[dict[str, Any]] = []
-    for child in node["children"]:
-        if child["type"] in ("subexpression", "pipe"):
-            links.extend(_links(child))
-        elif child["type"] != "current":
-            links.append(child)
-    return links
-
-
 def _inline(node: dict[str, Any], writer: Writer, scope: Scope) -> str:
     kind = node["type"]
     if kind == "field":
         return scope.name(writer, node["value"])
     if kind in ("subexpression", "pipe"):
-        first, *rest = _links(node)
+        first, *rest = chain_links(node)
         value = scope.name(writer, first["value"])
         for link in rest:
             value = writer.lookup(value, link["value"])

@@ -113,7 +113,7 @@ class _Compiler:
         flatten nested ones, drop ``@`` steps and fuse runs of field lookups."""
         steps: list[_Evaluate] = []
         fields: list[str] = []
-        for child in _chain_links(node):
+        for child in chain_links(node):
             if child["type"] == "field":
                 fields.append(child["value"])
                 continue
@@ -359,12 +359,12 @@ def _unchanged(value: Any) -> Any:
     return value
 
 
-def _chain_links(node: _Node) -> list[_Node]:
-    """The steps of a (possibly nested) chain node, in order, without no-op ``@`` steps."""
+def chain_links(node: _Node) -> list[_Node]:
+    """The steps of a (possibly nested) chain of ``.``, ``|`` and ``[]``, in order, without no-op ``@`` steps."""
     links: list[_Node] = []
     for child in node["children"]:
         if child["type"] in _CHAIN_NODES:
-            links.extend(_chain_links(child))
+            links.extend(chain_links(child))
         elif child["type"] not in _NOOP_NODES:
             links.append(child)
     return links
