@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -191,3 +192,29 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_run_sandbox_forks_its_workers_before_the_sandbox_thread_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork copies no other thread, so one taken while the sandbox's server thread holds a lock
+    would leave that lock held forever in the worker: the pool is forked first."""
+    from click.testing import CliRunner
+
+    from engine.cli import deliver
+    from engine.cli.main import main
+
+    threads_at_fork: list[list[str]] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        threads_at_fork.append([thread.name for thread in threading.enumerate()])
+        return make_mapper(*args, **kwargs)
+
+    monkeypatch.setattr(deliver, "make_mapper", recording)
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"\n".join(lines(2 * SLICE, seed=5)) + b"\n")
+    done = CliRunner().invoke(main, ["run", str(events), "--sandbox", "--workers", "2",
+                                     "--dead-letters", str(tmp_path / "dead.ndjson")])
+    assert done.exit_code == 0, done.output
+    assert len(threads_at_fork) == 1
+    assert not [name for name in threads_at_fork[0] if "sandbox" in name], threads_at_fork

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +68,7 @@ from ..ingest.files import (
     uncompressed_size,
 )
 from ..delivery.spool import Spool
+from ..mapping import Mapper
 from ..workers import make_mapper
 from ..reports.summary import Tally
 
@@ -158,12 +159,13 @@ def run_command(
     spool_given = click.get_current_context().get_parameter_source("spool_path") != ParameterSource.DEFAULT
     from ..sandbox.server import Sandbox  # only a rehearsal loads the sandbox (Starlette, uvicorn)
 
-    with Sandbox(api_key=key) as sandbox, tempfile.TemporaryDirectory() as scratch:
+    mapper = make_mapper(engine, settings["workers"], start=True)  # forked before the sandbox's server thread
+    with closing(mapper), Sandbox(api_key=key) as sandbox, tempfile.TemporaryDirectory() as scratch:
         # a rehearsal starts afresh each time, unless asked to keep a spool
         settings.update(endpoint=sandbox.url, api_key_file=None)
         if not spool_given:
             settings["spool_path"] = Path(scratch) / "rehearsal.spool"
-        _deliver("run", engine, _target(dead_letters=dead_letters, api_key=key, **settings), inputs)
+        _deliver("run", engine, _target(dead_letters=dead_letters, api_key=key, **settings), inputs, mapper)
         accepted = sandbox.store.stats()["events_accepted"]
         stderr.print(f"The sandbox at {sandbox.url} accepted {accepted:,} Topsort event(s); it stops with this run.")
 
@@ -196,9 +198,10 @@ def replay_command(
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> None:
-    """Read, map, spool and deliver; print the summary. Exits 1 when delivery cannot go on,
-    143 after SIGTERM, 3 when some input could not be read (see the README's exit statuses)."""
+def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs, mapper: Mapper | None = None) -> None:
+    """Read, map (through ``mapper``, made here when not given), spool and deliver; print the summary. Exits 1
+    when delivery cannot go on, 143 after SIGTERM, 3 when some input could not be read (see the README's exit
+    statuses)."""
     try:
         spool = Spool(target.spool)
     except EngineError as exc:
@@ -207,7 +210,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs) -> No
         left_before = spool.unsent
         exported = spool.export_dead_letters(target.dead_letters)
         tally = Tally()
-        mapper = make_mapper(engine, target.workers, start=True)  # forks before any thread starts
+        mapper = mapper or make_mapper(engine, target.workers, start=True)  # forks before any thread starts
         ingest = Pipeline(MapStep(mapper, tally.add_mapped))
         dispatcher = target.delivery.dispatcher(spool)
         failure: EngineError | OSError | None = None
