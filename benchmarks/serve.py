@@ -1,6 +1,7 @@
 """``serve`` under load: accepted events/s and request latency, mapping in-process against in worker processes.
 
-    .venv/bin/python -m benchmarks.serve [--seconds 8] [--clients 8] [--batch 100] [--load 0.5 --load 0.8] [--rounds 2]
+    .venv/bin/python -m benchmarks.serve [--seconds 8] [--clients 8] [--batch 100] [--load 0.5 --load 0.8]
+                                         [--rounds 2] [--workers 2]
 
 ``serve`` runs in a process of its own (spool on, default durability) delivering into the sandbox in
 another; this process drives it over loopback with ``--clients`` keep-alive connections, posting
@@ -11,13 +12,14 @@ messageIds, so nothing is dropped as a repeat. Each workload runs at saturation 
 again as soon as it is answered) and then at fixed offered loads (each ``--load`` × what ``serve`` mapping
 in-process accepted at saturation in that round, requests spaced evenly; latency counts from when a
 request was due, so a server that falls behind is charged for the wait). Both ``serve`` processes run
-from the start, and each phase runs in one right after the other (in turn first), so the ratios hold on
-a shared machine. Between phases the spool is left to empty.
+from the start, and each phase runs in one right after the other (in turn first), so each ratio comes
+from back-to-back runs on a shared machine. Between phases the spool is left to empty.
 
-Printed per workload, load and mode: accepted events/s (events of 200 answers), p50 and p99 latency of
-200 answers, refusals (503 once ``--max-spooled`` events wait), and the CPU ``serve`` spent per
-1 000 accepted events in its main process and in its worker processes; then the ratios of
-``--workers 2`` to in-process. The modes with workers run only when ``serve`` has ``--workers``.
+Printed per round, workload, load and mode: accepted events/s (events of 200 answers), p50 and p99
+latency of 200 answers, refusals (503 once ``--max-spooled`` events wait), and the CPU spent per 1 000
+accepted events by ``serve``'s main process (+ its worker processes), the sandbox and the clients; then
+the ratios of ``--workers N`` to in-process, median over rounds. The mode with workers runs only when
+``serve`` has ``--workers``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import base64
 import itertools
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +76,10 @@ class Phase:
     refused: dict[int, int] = field(default_factory=dict)
     parent_cpu: float = 0.0
     workers_cpu: float = 0.0
+    sandbox_cpu: float = 0.0
+    clients_cpu: float = 0.0
+    offered: float | None = None
+    """Events/s offered (None: saturation)."""
 
     @property
     def rate(self) -> float:
@@ -126,14 +133,15 @@ def main() -> None:
             for workload in workloads:
                 for mode, serve in order:
                     results[number, workload.name, "saturation", mode] = phase = _measured(
-                        serve, workload, args.clients, args.seconds, None, ids)
+                        serve, sandbox.pid, workload, args.clients, args.seconds, None, ids)
                     if mode == "in-process":
                         saturated[workload.name] = phase.rate
             for workload, share in itertools.product(workloads, loads):
                 rate = saturated[workload.name] * share
                 for mode, serve in order:
-                    results[number, workload.name, f"{share:g}: {rate:,.0f} ev/s", mode] = _measured(
-                        serve, workload, args.clients, args.seconds, rate, ids)
+                    results[number, workload.name, f"{share:g} × saturation", mode] = phase = _measured(
+                        serve, sandbox.pid, workload, args.clients, args.seconds, rate, ids)
+                    phase.offered = rate
             print(f"  round {number + 1} done; load average {_load()}", file=sys.stderr)
     _print(results, list(modes), f"load average {_load()} at the end")
 
@@ -248,13 +256,16 @@ def _cpu_seconds(pid: int) -> float:
 # -- the clients ----------------------------------------------------------------------------------
 
 
-def _measured(serve: _Serve, workload: Workload, clients: int, seconds: float, rate: float | None,
+def _measured(serve: _Serve, sandbox: int, workload: Workload, clients: int, seconds: float, rate: float | None,
               ids: Iterator[int]) -> Phase:
-    parent, workers = serve.cpu()
+    """A phase, with the CPU that serve, the sandbox and the clients spent on it (the spool's delivery included)."""
+    (parent, workers), delivered, own = serve.cpu(), _cpu_seconds(sandbox), time.process_time()
     phase = _run_phase(serve, workload, clients, seconds, rate, ids)
+    phase.clients_cpu = time.process_time() - own
     serve.drain()
     parent_after, workers_after = serve.cpu()
     phase.parent_cpu, phase.workers_cpu = parent_after - parent, workers_after - workers
+    phase.sandbox_cpu = _cpu_seconds(sandbox) - delivered
     return phase
 
 
@@ -317,25 +328,32 @@ def _load() -> str:
 
 
 def _print(results: dict[tuple[int, str, str, str], Phase], modes: list[str], footer: str) -> None:
-    print(f"\n{'round':<6}{'workload':<32}{'load':<22}{'serve':<13}{'accepted ev/s':>14}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'refused':>9}{'CPU ms/1000 ev':>16}")
+    print(f"\n{'round':<6}{'workload':<32}{'load (offered ev/s)':<28}{'serve':<13}{'accepted ev/s':>14}{'p50 ms':>9}"
+          f"{'p99 ms':>9}{'refused':>9}{'serve CPU':>12}{'sandbox':>9}{'clients':>9}")
     for (number, workload, load, mode), phase in results.items():
-        refused = sum(phase.refused.values())
         per = 1e6 / phase.accepted if phase.accepted else float("nan")
         cpu = f"{phase.parent_cpu * per:.0f}" + (f" + {phase.workers_cpu * per:.0f}" if phase.workers_cpu else "")
-        print(f"{number + 1:<6}{workload:<32}{load:<22}{mode:<13}{phase.rate:>14,.0f}{phase.percentile(0.5):>9.1f}"
-              f"{phase.percentile(0.99):>9.1f}{refused:>9}{cpu:>16}")
-    if len(modes) > 1:
-        base, other = modes
-        print(f"\n{other} / in-process{'':<20}{'accepted ev/s':>14}{'p50':>9}{'p99':>9}")
-        for (number, workload, load, mode), phase in results.items():
-            if mode != other:
-                continue
+        offered = f"{load} ({phase.offered:,.0f})" if phase.offered else load
+        print(f"{number + 1:<6}{workload:<32}{offered:<28}{mode:<13}{phase.rate:>14,.0f}{phase.percentile(0.5):>9.1f}"
+              f"{phase.percentile(0.99):>9.1f}{sum(phase.refused.values()):>9}{cpu:>12}{phase.sandbox_cpu * per:>9.0f}"
+              f"{phase.clients_cpu * per:>9.0f}")
+    print(f"\n{footer}; CPU in ms per 1 000 accepted events: serve's main process (+ its workers), the sandbox"
+          " (Topsort's stand-in) and this process's clients, each while the phase ran and its spool emptied")
+    if len(modes) < 2:
+        return
+    base, other = modes
+    ratios: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for (number, workload, load, mode), phase in results.items():
+        if mode == other:
             ref = results[number, workload, load, base]
-            print(f"{number + 1:<6}{workload:<32}{load:<22}{'':<13}{phase.rate / ref.rate:>14.2f}"
-                  f"{phase.percentile(0.5) / ref.percentile(0.5):>9.2f}{phase.percentile(0.99) / ref.percentile(0.99):>9.2f}")
-    print(f"\n{footer}; CPU: serve's main process + its workers, per 1 000 accepted events")
-
+            ratios.setdefault((workload, load), []).append((
+                phase.rate / ref.rate, phase.percentile(0.5) / ref.percentile(0.5),
+                phase.percentile(0.99) / ref.percentile(0.99)))
+    print(f"\n{other} / {base}, median over rounds (each round's ratios in brackets)")
+    print(f"{'workload':<32}{'load':<28}{'accepted ev/s':>24}{'p50':>24}{'p99':>24}")
+    for (workload, load), rows in ratios.items():
+        cells = [f"{statistics.median(column):.2f} [{' '.join(f'{x:.2f}' for x in column)}]" for column in zip(*rows)]
+        print(f"{workload:<32}{load:<28}" + "".join(f"{cell:>24}" for cell in cells))
 
 if __name__ == "__main__":
     main()
