@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from .conftest import ROOT, assert_valid_request, assert_valid_topsort, ndjson, run_cli
 
@@ -99,3 +103,20 @@ def test_run_without_endpoint_or_key_points_at_map_and_the_sandbox() -> None:
     assert result.returncode == 2
     err = " ".join(result.stderr.decode().split())
     assert "segment-topsort map" in err and "segment-topsort sandbox" in err
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "/dev/null"], ["serve"], ["consume", "--topic", "t", "--group", "g", "--bootstrap-servers", "127.0.0.1:1"],
+])
+def test_every_delivering_command_reads_the_key_from_a_file(tmp_path: Path, command: list[str]) -> None:
+    """Past the key check, each stops at the endpoint it was given: the key file was read."""
+    (tmp_path / "key").write_text("sk_from_a_file\n")
+    env = {name: value for name, value in os.environ.items() if name != "TOPSORT_API_KEY"}
+    given = [sys.executable, "-m", "engine", *command, "--endpoint", "ftp://nowhere"]
+    without = subprocess.run(given, capture_output=True, cwd=ROOT, env=env, timeout=60)
+    with_file = subprocess.run([*given, "--api-key-file", str(tmp_path / "key")], capture_output=True, cwd=ROOT,
+                               env=env, timeout=60)
+    assert with_file.returncode == 2
+    assert b"--endpoint must be an http:// or https:// URL, not 'ftp://nowhere'" in with_file.stderr
+    assert without.returncode == 2
+    assert command[0] == "serve" or b"API key" in without.stderr

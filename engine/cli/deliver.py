@@ -40,8 +40,10 @@ from rich.table import Table
 
 from .options import (
     EXIT_INPUT_SKIPPED,
+    api_key_file_option,
     api_key_or_exit,
     delivery_tuning,
+    endpoint_option,
     endpoint_or_exit,
     engine_or_exit,
     input_limits,
@@ -104,10 +106,8 @@ _Inputs = Callable[[Spool, InputLimits, OnFault], list[Source]]
 def _delivery_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         rules_option,
-        click.option("--endpoint", envvar="TOPSORT_ENDPOINT", metavar="URL",
-                     help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT)."),
-        click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="File holding the Topsort API key (default: the TOPSORT_API_KEY environment variable)."),
+        endpoint_option(required=False),
+        api_key_file_option,
         click.option("--spool", "spool_path", type=click.Path(dir_okay=False, path_type=Path),
                      default=Path("segment-topsort.spool"), show_default=True,
                      help="SQLite file holding events between mapping and delivery, and how far each file was read."),

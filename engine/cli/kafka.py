@@ -32,8 +32,8 @@ from ..ingest.kafka.worker import KafkaWorker
 from ..reports.summary import Tally
 from ..workers import make_mapper
 from .options import (
-    EXIT_INPUT_SKIPPED, api_key_or_exit, delivery_tuning, endpoint_or_exit, engine_or_exit, report_fault, rules_option,
-    workers_option,
+    EXIT_INPUT_SKIPPED, api_key_file_option, api_key_or_exit, delivery_tuning, endpoint_option, endpoint_or_exit,
+    engine_or_exit, report_fault, rules_option, workers_option,
 )
 
 _FLUSH_SECONDS = 30.0
@@ -109,8 +109,8 @@ def produce_command(inputs: tuple[str, ...], topic: str, config_file: Path | Non
               help="Where rejected and undeliverable events go, as dead-letter records. Default: TOPIC.dead-letters.")
 @_kafka_options
 @rules_option
-@click.option("--endpoint", envvar="TOPSORT_ENDPOINT", required=True, metavar="URL",
-              help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT).")
+@endpoint_option(required=True)
+@api_key_file_option
 @click.option("--spool", "spool_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("segment-topsort-consume.spool"), show_default=True,
               help="This worker's own SQLite spool (one per worker; keep it on the worker's disk).")
@@ -120,15 +120,15 @@ def produce_command(inputs: tuple[str, ...], topic: str, config_file: Path | Non
               help="On SIGTERM/SIGINT, seconds to go on delivering what was read before committing and leaving.")
 def consume_command(
     topic: str, group: str, dead_letter_topic: str | None, config_file: Path | None, bootstrap_servers: str | None,
-    rule_dirs: tuple[Path, ...], endpoint: str, spool_path: Path, max_in_flight: int, max_latency: float,
+    rule_dirs: tuple[Path, ...], endpoint: str, api_key_file: Path | None, spool_path: Path, max_in_flight: int, max_latency: float,
     max_retry_time: float, timeout: float, workers: int, drain_timeout: float,
 ) -> None:
     """Consume Segment events from TOPIC as a member of GROUP and deliver them to Topsort.
 
-    The Topsort key comes from TOPSORT_API_KEY. Offsets are committed once the events up to them
+    The Topsort key comes from TOPSORT_API_KEY or --api-key-file. Offsets are committed once the events up to them
     are delivered or dead-lettered (at least once; Topsort deduplicates by event id).
     """
-    api_key = api_key_or_exit(None, "consume needs the Topsort API key in TOPSORT_API_KEY")
+    api_key = api_key_or_exit(api_key_file, "consume needs Topsort's API key: set TOPSORT_API_KEY or pass --api-key-file")
     endpoint_or_exit(endpoint)
     settings = _settings_or_usage_error(config_file, bootstrap_servers)
     engine = engine_or_exit(rule_dirs)

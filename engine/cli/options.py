@@ -80,6 +80,18 @@ def delivery_tuning(command: F) -> F:
     return command
 
 
+def endpoint_option(*, required: bool) -> Callable[[F], F]:
+    """``--endpoint`` (or ``TOPSORT_ENDPOINT``): Topsort's base URL."""
+    return click.option("--endpoint", envvar="TOPSORT_ENDPOINT", metavar="URL", required=required,
+                        help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT).")
+
+
+api_key_file_option = click.option(
+    "--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File holding the Topsort API key (default: the TOPSORT_API_KEY environment variable).",
+)
+
+
 workers_option = click.option(
     "--workers", type=click.IntRange(min=1), default=lambda: usable_cores(), show_default="the usable cores",
     help="Processes that decode and map events (1: all in this process). Output is the same for any number.",

@@ -13,17 +13,17 @@ import click
 from ..delivery.retry import RetryPolicy
 from ..errors import EngineError, RulesInvalid
 from ..ingest.http.server import Server, ServeSettings
-from .options import api_key_or_exit, delivery_tuning, endpoint_or_exit, rules_option
+from .options import (
+    api_key_file_option, api_key_or_exit, delivery_tuning, endpoint_option, endpoint_or_exit, rules_option,
+)
 
 
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on (0: any free port).")
-@click.option("--endpoint", envvar="TOPSORT_ENDPOINT", metavar="URL", required=True,
-              help="Topsort's base URL, e.g. https://api.topsort.com (or TOPSORT_ENDPOINT).")
-@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="File holding the Topsort API key (default: the TOPSORT_API_KEY environment variable).")
+@endpoint_option(required=True)
+@api_key_file_option
 @rules_option
 @click.option("--spool", "spool_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("segment-topsort-serve.spool"), show_default=True,
