@@ -37,6 +37,7 @@ from benchmarks.standin import start_standin  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.delivery.dead_letters import rejected_input  # noqa: E402
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
+from engine.delivery.pipeline import pack  # noqa: E402
 from engine.delivery.spool import Chunk, Spool  # noqa: E402
 from engine.ingest.files import read_records  # noqa: E402
 from engine.limits import too_deep  # noqa: E402
@@ -173,7 +174,7 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     stage("map output: batch, write", "parent", lambda: _map_output(mapped))
     spool_path = folder / "stages.spool"
     with Spool(spool_path) as spool:
-        stage("spool commit (per slice)", "parent", lambda: _spool(spool, decoded, outcomes))
+        stage("spool commit (per slice)", "parent", lambda: _spool(spool, records, mapped))
         events = spool.unsent
         stage("spool read", "parent (dispatcher)", lambda: _read_all(spool))
     with Spool(spool_path) as spool:
@@ -204,20 +205,19 @@ def _map_output(mapped: list) -> int:
     return written
 
 
-def _spool(spool: Spool, decoded: list, outcomes: list) -> None:
-    for start in range(0, len(decoded), SLICE):
+def _spool(spool: Spool, records: list, mapped: list) -> None:
+    """Pack and commit the mapped records a slice at a time, as ``run``'s parent does."""
+    for start in range(0, len(records), SLICE):
         chunk = Chunk()
-        for record, outcome in zip(decoded[start:start + SLICE], outcomes[start:start + SLICE]):
-            chunk.add(record, outcome.emitted)
-            if outcome.rejected:
-                chunk.dead_letter(rejected_input(record, outcome))
+        for record, one in zip(records[start:start + SLICE], mapped[start:start + SLICE]):
+            pack(chunk, record, one)
         spool.commit(chunk)
 
 
 def _read_all(spool: Spool) -> int:
-    seq, read = 0, 0
-    while rows := spool.unsent_after(seq, 500):
-        seq, read = rows[-1].seq, read + len(rows)
+    chunk, read = 0, 0
+    while rows := spool.unsent_after(chunk, 1000):
+        chunk, read = rows[-1].chunk, read + len(rows)
     return read
 
 

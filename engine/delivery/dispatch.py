@@ -55,7 +55,7 @@ from .spool import Chunk, Spool, Spooled
 
 EVENTS_PATH = "/v2/events"
 _FETCH = 1000
-"""Events read from the spool at a time."""
+"""Events read from the spool at a time (at least: whole chunks are read)."""
 _SETTLE_EVERY = 0.2
 """Seconds between two settlements of delivery outcomes in the spool (and two ticks)."""
 _SETTLE_SIZE = 5000
@@ -331,7 +331,7 @@ class Dispatcher:
                     self._ready.append(_flat(full))
                     self._oldest = time.monotonic()
             if rows:
-                self._cursor = rows[-1].seq
+                self._cursor = rows[-1].chunk
             self._caught_up = len(rows) < _FETCH
             if self._caught_up:
                 break
