@@ -180,8 +180,8 @@ def test_settled_events_stay_settled_after_reopening(tmp_path: Path) -> None:
     [letter] = read_dead_letters(out)
     assert (letter["line"], [r["reason"] for r in letter["rejected"]]) == (1, ["refused"])
     with Spool(tmp_path / "spool.db") as spool:
-        assert spool._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
-        assert spool._db.execute("SELECT COUNT(*) FROM failures").fetchone()[0] == 0
+        for table in ("chunks", "progress", "failures"):
+            assert spool._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
 
 
 def test_delivery_reads_whole_chunks_in_order(spool: Spool) -> None:

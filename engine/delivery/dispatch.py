@@ -6,8 +6,9 @@ are handed to it with :meth:`Dispatcher.offer` (from the pipeline's thread, see
 :func:`engine.delivery.pipeline.deliver`) and committed by its loop, a few at most ahead of delivery. Events are packed by
 :class:`~engine.topsort.batching.Batcher` (up to 50 per array, kinds mixed); a batch leaves when an array is
 full or its oldest event has waited ``max_latency`` seconds. Up to ``max_in_flight`` requests run
-at once, in worker threads sharing one keep-alive ``httpx.Client`` (its synchronous pool costs
-about half the CPU per request of the asynchronous one).
+at once, in worker threads sharing one ``httpx.Client`` (its synchronous pool costs about half the
+CPU per request of the asynchronous one), each thread on its own keep-alive connection of
+:class:`~engine.delivery.transport.PerThreadTransport` (``http.client``: a third of httpcore's CPU).
 
 * 2xx: the batch is delivered.
 * network errors, timeouts, 408, 429, 5xx: retried as :class:`~engine.delivery.retry.RetryPolicy` says;
@@ -52,6 +53,7 @@ from ..errors import AuthenticationError, DeliveryError, DeliveryStopped, Endpoi
 from ..outcome import KINDS, Rejection
 from .retry import RetryPolicy, is_transient, server_delay
 from .spool import Chunk, Spool, Spooled
+from .transport import PerThreadTransport
 
 EVENTS_PATH = "/v2/events"
 _FETCH = 1000
@@ -243,7 +245,8 @@ class Dispatcher:
         headers = {"Authorization": f"Bearer {self._api_key}", "Content-Type": "application/json"}
         with (
             httpx.Client(
-                headers=headers, limits=limits, timeout=self._timeout, transport=self._transport
+                headers=headers, limits=limits, timeout=self._timeout,
+                transport=self._transport or PerThreadTransport(self._timeout),
             ) as client,
             ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="segment-topsort-post") as pool,
         ):

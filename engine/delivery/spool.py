@@ -2,9 +2,11 @@
 
 It holds, in one database so that every change is atomic:
 
-* ``chunks``: one row per committed chunk of input that emitted events: its inputs (origin, line,
-  raw line) and their Topsort events (kind, rule, id, JSON body), packed in a few columns, with the
-  events of the chunk settled so far;
+* ``chunks``: one row per committed chunk of input that emitted events, written once: its inputs
+  (origin, line, raw line) and their Topsort events (kind, rule, id, JSON body) packed in a few
+  columns (the raw lines last: reading the events never walks their pages);
+* ``progress``: the events settled so far of a chunk partly settled (a small row, rewritten by
+  each settlement that touches the chunk);
 * ``failures``: why an event was given up, while its input still has events on their way;
 * ``dead_letters``: dead-letter records not yet exported to the NDJSON file (a ``deliver`` one as
   the parts it is made of, so that settling stores and does not build);
@@ -13,8 +15,8 @@ It holds, in one database so that every change is atomic:
 
 Mapped events, dead letters and the source checkpoint of one chunk of input are committed in
 one transaction, so a run killed at any instant resumes exactly where it stopped. An event is
-settled when Topsort accepted it or it was given up; settling updates its chunk's row once per
-settlement, whatever the number of its events, and deletes it once every event is settled. When
+settled when Topsort accepted it or it was given up; settling writes its chunk's progress once per
+settlement, whatever the number of its events, and deletes the chunk once every event is settled. When
 the last event of an input is settled, the input leaves the spool, with one ``deliver`` dead letter
 if any of its events failed. Costs go per chunk and per settlement, not per event: only an event
 given up has a row of its own.
@@ -47,10 +49,14 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: delivery reads on from the last id
     inputs BLOB NOT NULL,   -- JSON [[origin, line, length of raw], ...]: the inputs that emitted
-    raws BLOB NOT NULL,     -- their raw lines, one after the other
     events BLOB NOT NULL,   -- JSON [[input index, kind, rule, id, length of body], ...]
     bodies BLOB NOT NULL,   -- the events' JSON, one after the other
-    settled BLOB,           -- JSON [event index, ...] of the events settled (NULL: none yet)
+    count INTEGER NOT NULL, -- how many events
+    raws BLOB NOT NULL      -- the inputs' raw lines, one after the other
+);
+CREATE TABLE IF NOT EXISTS progress (
+    chunk INTEGER PRIMARY KEY,
+    settled BLOB NOT NULL,  -- JSON [event index, ...] of the chunk's events settled
     unsent INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS failures (
@@ -81,8 +87,6 @@ CREATE TABLE IF NOT EXISTS seen_messages (
 CREATE INDEX IF NOT EXISTS seen_messages_by_time ON seen_messages (seen_at);
 """
 
-_CHUNKS_READ = 4
-"""Chunk rows read from SQLite at a time by :meth:`Spool.unsent_after`."""
 _MIGRATED_INPUTS = 500
 """Inputs of an old-format spool packed into each chunk when it is converted."""
 
@@ -161,6 +165,7 @@ class Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         try:
+            self._db.execute("PRAGMA page_size = 16384")  # a new file only: fewer pages per chunk
             self._db.execute("PRAGMA locking_mode = EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
@@ -174,7 +179,8 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise SpoolError(f"{self.path} is not a spool file: {exc}") from exc
-        self.unsent = self._scalar("SELECT COALESCE(SUM(unsent), 0) FROM chunks")
+        self.unsent = self._scalar(
+            "SELECT COALESCE(SUM(COALESCE(unsent, count)), 0) FROM chunks LEFT JOIN progress ON chunk = id")
         """How many events wait for delivery (kept in memory; the process holds the spool alone)."""
 
     def close(self) -> None:
@@ -201,7 +207,7 @@ class Spool:
         with self._transaction():
             if packed:
                 self._db.execute(
-                    "INSERT INTO chunks (inputs, raws, events, bodies, unsent) VALUES (?, ?, ?, ?, ?)", packed
+                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", packed
                 )
             self._db.executemany(
                 "INSERT INTO dead_letters (record) VALUES (?)", [(r,) for r in chunk.encoded_dead_letters]
@@ -212,7 +218,7 @@ class Spool:
             )
             self._db.executemany("INSERT OR REPLACE INTO seen_messages VALUES (?, ?)", chunk.seen)
         if packed:
-            self.unsent += packed[-1]
+            self.unsent += packed[3]
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -221,24 +227,20 @@ class Spool:
         whole chunks, until at least ``limit`` events (fewer: there are no more)."""
         spooled: list[Spooled] = []
         while len(spooled) < limit:
-            rows = self._db.execute(
-                "SELECT id, inputs, events, bodies, settled FROM chunks WHERE id > ? ORDER BY id LIMIT ?",
-                (chunk, _CHUNKS_READ),
-            ).fetchall()
-            if not rows:
+            row = self._db.execute(
+                "SELECT id, inputs, events, bodies FROM chunks WHERE id > ? ORDER BY id LIMIT 1", (chunk,)
+            ).fetchone()
+            if row is None:
                 break
-            for chunk, inputs, events, bodies, settled in rows:  # ``chunk`` ends as the last one read
-                meta = orjson.loads(events)
-                state = self._open.get(chunk) or self._opened(chunk, inputs, meta, settled)
-                done = state.settled
-                start = 0
-                for index, (input_index, kind, rule, event_id, length) in enumerate(meta):
-                    end = start + length
-                    if index not in done:
-                        spooled.append(Spooled(chunk, index, input_index, kind, rule, event_id, bodies[start:end]))
-                    start = end
-                if len(spooled) >= limit:
-                    break
+            chunk, inputs, events, bodies = row
+            meta = orjson.loads(events)
+            done = (self._open.get(chunk) or self._opened(chunk, inputs, meta)).settled
+            start = 0
+            for index, (input_index, kind, rule, event_id, length) in enumerate(meta):
+                end = start + length
+                if index not in done:
+                    spooled.append(Spooled(chunk, index, input_index, kind, rule, event_id, bodies[start:end]))
+                start = end
         return spooled
 
     def settle(
@@ -275,11 +277,12 @@ class Spool:
                 left.extend((state.inputs[i][0], state.inputs[i][1]) for i in done)
                 if state.unsent:
                     self._db.execute(
-                        "UPDATE chunks SET settled = ?, unsent = ? WHERE id = ?",
-                        (orjson.dumps(sorted(state.settled)), state.unsent, chunk),
+                        "INSERT OR REPLACE INTO progress VALUES (?, ?, ?)",
+                        (chunk, orjson.dumps(sorted(state.settled)), state.unsent),
                     )
                 else:
                     self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk,))
+                    self._db.execute("DELETE FROM progress WHERE chunk = ?", (chunk,))
         for chunk, state in updated.items():
             self.unsent -= self._open[chunk].unsent - state.unsent
             if state.unsent:
@@ -313,15 +316,16 @@ class Spool:
     def _state(self, chunk: int) -> _Open:
         """What settling needs of chunk ``chunk`` (read from its row unless already in memory)."""
         if (state := self._open.get(chunk)) is None:
-            row = self._db.execute("SELECT inputs, events, settled FROM chunks WHERE id = ?", (chunk,)).fetchone()
+            row = self._db.execute("SELECT inputs, events FROM chunks WHERE id = ?", (chunk,)).fetchone()
             if row is None:
                 raise SpoolError(f"chunk {chunk} is not in spool {self.path}")
-            state = self._opened(chunk, row[0], orjson.loads(row[1]), row[2])
+            state = self._opened(chunk, row[0], orjson.loads(row[1]))
         return state
 
-    def _opened(self, chunk: int, inputs: bytes, meta: list[list[Any]], settled: bytes | None) -> _Open:
+    def _opened(self, chunk: int, inputs: bytes, meta: list[list[Any]]) -> _Open:
         input_rows = orjson.loads(inputs)
-        done = set(orjson.loads(settled)) if settled else set()
+        progress = self._db.execute("SELECT settled FROM progress WHERE chunk = ?", (chunk,)).fetchone()
+        done = set(orjson.loads(progress[0])) if progress else set()
         input_of = [event[0] for event in meta]
         left = [0] * len(input_rows)
         for index, input_index in enumerate(input_of):
@@ -428,17 +432,18 @@ class Spool:
                 failed = [(number, index, why) for index, (number, why) in enumerate(
                     (number, e[4]) for number, old in enumerate(olds) for e in old) if why is not None]
                 chunk = self._db.execute(
-                    "INSERT INTO chunks (inputs, raws, events, bodies, settled, unsent) VALUES (?, ?, ?, ?, ?, ?)",
-                    (*packed[:4], orjson.dumps([index for _, index, _ in failed]) if failed else None,
-                     packed[4] - len(failed)),
+                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", packed
                 ).lastrowid
+                if failed:
+                    self._db.execute("INSERT INTO progress VALUES (?, ?, ?)",
+                                     (chunk, orjson.dumps([index for _, index, _ in failed]), packed[3] - len(failed)))
                 self._db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?)",
                                      [(chunk, number, index, why) for number, index, why in failed])
             self._db.execute("DROP TABLE pending")
             self._db.execute("DROP TABLE inputs")
 
 
-def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> tuple[bytes, bytes, bytes, bytes, int] | None:
+def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> tuple[bytes, bytes, bytes, int, bytes] | None:
     """The columns of a chunk row for ``encoded`` (inputs with their events: kind, rule, id, body), None
     when no input emitted anything."""
     if not encoded:
@@ -449,7 +454,7 @@ def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]
         raws.append(record.raw)
         events += [(number, kind, rule, event_id, len(body)) for kind, rule, event_id, body in emitted]
         bodies += [body for *_, body in emitted]
-    return orjson.dumps(inputs), b"".join(raws), orjson.dumps(events), b"".join(bodies), len(events)
+    return orjson.dumps(inputs), orjson.dumps(events), b"".join(bodies), len(events), b"".join(raws)
 
 
 def _settled(state: _Open, indexes: list[int], whys: dict[int, bytes]) -> tuple[_Open, list[int]]:
