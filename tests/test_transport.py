@@ -10,18 +10,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from engine.delivery.transport import PerThreadTransport
+from engine.delivery.transport import PerThreadTransport, default_transport
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    connections: set[int] = set()
+    connections: set[tuple[str, int]] = set()
     close_after = False
     """Drop the connection after answering, without saying so (as an idle timeout does)."""
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).connections.add(id(self.connection))
+        type(self).connections.add(self.client_address)
         answer = b"%d:%s:%s" % (len(body), self.headers["Authorization"].encode(), self.path.encode())
         self.send_response(200)
         self.send_header("Content-Length", str(len(answer)))
@@ -74,3 +74,14 @@ def test_failures_are_httpx_transport_errors() -> None:
             client.post(f"http://127.0.0.1:{port}/v2/events", content=b"{}")
     with _client() as client, pytest.raises(httpx.TransportError):
         client.post(f"http://127.0.0.1:{port}/v2/events", content=b"{}")  # nothing listens any more
+
+
+def test_a_proxy_named_by_the_environment_is_used_unless_the_host_is_spared(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(default_transport("https://api.topsort.com", 5.0, 8), PerThreadTransport)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert isinstance(default_transport("https://api.topsort.com", 5.0, 8), httpx.HTTPTransport)
+    assert isinstance(default_transport("http://127.0.0.1:9", 5.0, 8), PerThreadTransport)  # an https proxy only
+    monkeypatch.setenv("NO_PROXY", "api.topsort.com")
+    assert isinstance(default_transport("https://api.topsort.com", 5.0, 8), PerThreadTransport)

@@ -4,8 +4,8 @@ connection per posting thread, behind httpx's transport interface.
 httpx's own transport (httpcore and h11, in Python) costs about 140 µs of CPU per request here, and
 ``http.client`` (its parser in C) about 55: with a few thousand requests per 100 000 events, sharing
 one core with the spool and the reader, that difference is a tenth of ``run``'s time. The dispatcher
-still talks to an ``httpx.Client`` (so proxies from the environment, the ``transport=`` seam and
-httpx's exceptions stay as they were); only the bytes on the wire go through this.
+keeps httpx's interface (requests, responses, exceptions, the ``transport=`` seam), and uses httpx's
+own transport when the environment names a proxy for the endpoint (:func:`default_transport`).
 
 Failures are raised as httpx's: a timeout as :class:`httpx.TimeoutException`, any other failure to
 connect, send or read as :class:`httpx.TransportError`. A kept-alive connection the server closed
@@ -17,8 +17,21 @@ from __future__ import annotations
 import http.client
 import ssl
 import threading
+import urllib.request
 
 import httpx
+
+
+def default_transport(url: str, timeout: float, connections: int) -> httpx.BaseTransport:
+    """The transport for ``url``: :class:`PerThreadTransport`, or httpx's through the proxy that
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` name for it (unless ``NO_PROXY`` spares its host)."""
+    parsed = httpx.URL(url)
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass_environment(parsed.host, proxies):
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.HTTPTransport(proxy=proxy, limits=limits)
+    return PerThreadTransport(timeout)
 
 
 class PerThreadTransport(httpx.BaseTransport):
