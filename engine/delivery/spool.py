@@ -87,6 +87,8 @@ CREATE TABLE IF NOT EXISTS seen_messages (
 CREATE INDEX IF NOT EXISTS seen_messages_by_time ON seen_messages (seen_at);
 """
 
+_FRESH_EVENTS = 50_000
+"""Most events of chunks committed and not read yet kept in memory for delivery (the rest is read back)."""
 _MIGRATED_INPUTS = 500
 """Inputs of an old-format spool packed into each chunk when it is converted."""
 
@@ -126,6 +128,11 @@ class Chunk:
         if mapped.events:
             self.encoded.append((record, mapped.events))
 
+    def add_slice(self, pairs: Sequence[tuple[Record, Mapped]]) -> None:
+        """:meth:`add_mapped` for each record of a slice, with its dead letter, at a fraction of the cost."""
+        self.encoded_dead_letters += [m.dead_letter for _, m in pairs if m.dead_letter is not None]
+        self.encoded += [(record, m.events) for record, m in pairs if m.events]
+
     def checkpoint(self, source: str, checkpoint: Checkpoint) -> None:
         """Record how far ``source`` has been read."""
         self.checkpoints[source] = checkpoint
@@ -162,6 +169,9 @@ class Spool:
         self.path = Path(path)
         self._on_settled = on_settled
         self._open: dict[int, _Open] = {}
+        self._fresh: dict[int, _Packed] = {}
+        """Chunks committed by this process and not read yet, as they were packed (no need to read them back)."""
+        self._fresh_events = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         try:
@@ -179,6 +189,8 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise SpoolError(f"{self.path} is not a spool file: {exc}") from exc
+        self._last = self._scalar("SELECT COALESCE(MAX(id), 0) FROM chunks")
+        """The last chunk stored: none is read after it."""
         self.unsent = self._scalar(
             "SELECT COALESCE(SUM(COALESCE(unsent, count)), 0) FROM chunks LEFT JOIN progress ON chunk = id")
         """How many events wait for delivery (kept in memory; the process holds the spool alone)."""
@@ -206,19 +218,25 @@ class Spool:
         packed = _pack(chunk.encoded)
         with self._transaction():
             if packed:
-                self._db.execute(
-                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", packed
+                row = self._db.execute(
+                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", packed.columns
+                ).lastrowid
+            if chunk.encoded_dead_letters:
+                self._db.executemany(
+                    "INSERT INTO dead_letters (record) VALUES (?)", [(r,) for r in chunk.encoded_dead_letters]
                 )
-            self._db.executemany(
-                "INSERT INTO dead_letters (record) VALUES (?)", [(r,) for r in chunk.encoded_dead_letters]
-            )
             self._db.executemany(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
                 [(source, c.offset, c.line, c.head) for source, c in chunk.checkpoints.items()],
             )
-            self._db.executemany("INSERT OR REPLACE INTO seen_messages VALUES (?, ?)", chunk.seen)
+            if chunk.seen:
+                self._db.executemany("INSERT OR REPLACE INTO seen_messages VALUES (?, ?)", chunk.seen)
         if packed:
-            self.unsent += packed[3]
+            self._last = row
+            self.unsent += len(packed.events)
+            if self._fresh_events < _FRESH_EVENTS:
+                self._fresh[row] = packed
+                self._fresh_events += len(packed.events)
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -226,22 +244,27 @@ class Spool:
         """The events waiting for delivery, in spool order, of the chunks after chunk ``chunk``:
         whole chunks, until at least ``limit`` events (fewer: there are no more)."""
         spooled: list[Spooled] = []
-        while len(spooled) < limit:
-            row = self._db.execute(
-                "SELECT id, inputs, events, bodies FROM chunks WHERE id > ? ORDER BY id LIMIT 1", (chunk,)
-            ).fetchone()
+        while len(spooled) < limit and chunk < self._last:
+            row = self._db.execute("SELECT id FROM chunks WHERE id > ? ORDER BY id LIMIT 1", (chunk,)).fetchone()
             if row is None:
                 break
-            chunk, inputs, events, bodies = row
-            meta = orjson.loads(events)
-            done = (self._open.get(chunk) or self._opened(chunk, inputs, meta)).settled
-            start = 0
-            for index, (input_index, kind, rule, event_id, length) in enumerate(meta):
-                end = start + length
+            (chunk,) = row
+            packed = self._fresh.pop(chunk, None) or self._read(chunk)
+            self._fresh_events -= len(packed.events) if packed.fresh else 0
+            done = (self._open.get(chunk) or self._opened(chunk, packed.inputs, packed.events)).settled
+            for index, ((input_index, kind, rule, event_id, _), body) in enumerate(zip(packed.events, packed.bodies)):
                 if index not in done:
-                    spooled.append(Spooled(chunk, index, input_index, kind, rule, event_id, bodies[start:end]))
-                start = end
+                    spooled.append(Spooled(chunk, index, input_index, kind, rule, event_id, body))
         return spooled
+
+    def _read(self, chunk: int) -> _Packed:
+        """A chunk row as committed (its events, bodies cut apart; not its raw lines)."""
+        inputs, events, bodies = self._db.execute(
+            "SELECT inputs, events, bodies FROM chunks WHERE id = ?", (chunk,)).fetchone()
+        meta = orjson.loads(events)
+        ends = itertools.accumulate(event[4] for event in meta)
+        starts = itertools.chain((0,), itertools.accumulate(event[4] for event in meta))
+        return _Packed(orjson.loads(inputs), meta, [bodies[start:end] for start, end in zip(starts, ends)], fresh=False)
 
     def settle(
         self, delivered: Sequence[Spooled], failed: Sequence[tuple[Spooled, dict[str, Any]]]
@@ -263,26 +286,32 @@ class Spool:
             indexes.append(row.index)
             whys[row.index] = orjson.dumps(why)
         updated: dict[int, _Open] = {}
+        failures, finished, progress = [], [], []
+        completed: dict[int, list[int]] = {}
+        for chunk, (indexes, whys) in touched.items():
+            before = self._state(chunk)
+            state, completed[chunk] = _settled(before, indexes, whys)
+            updated[chunk] = state
+            failures += [(chunk, before.input_of[i], i, why) for i, why in whys.items() if i not in before.settled]
+            if state.unsent:
+                progress.append((chunk, orjson.dumps(sorted(state.settled)), state.unsent))
+            else:
+                finished.append(chunk)
         left: list[Position] = []
         made = 0
-        with self._transaction():
-            for chunk, (indexes, whys) in touched.items():
-                before = self._state(chunk)
-                state, done = _settled(before, indexes, whys)
-                updated[chunk] = state
-                self._db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?)", [
-                    (chunk, before.input_of[index], index, why) for index, why in whys.items()
-                    if index not in before.settled])
+        with self._transaction():  # a few statements per settlement, whatever the chunks touched
+            if failures:
+                self._db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?)", failures)
+            for chunk, done in completed.items():
+                state = updated[chunk]
                 made += self._dead_letter_settled(chunk, state, done)
-                left.extend((state.inputs[i][0], state.inputs[i][1]) for i in done)
-                if state.unsent:
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO progress VALUES (?, ?, ?)",
-                        (chunk, orjson.dumps(sorted(state.settled)), state.unsent),
-                    )
-                else:
-                    self._db.execute("DELETE FROM chunks WHERE id = ?", (chunk,))
-                    self._db.execute("DELETE FROM progress WHERE chunk = ?", (chunk,))
+                left += [(state.inputs[i][0], state.inputs[i][1]) for i in done]
+            if progress:
+                self._db.executemany("INSERT OR REPLACE INTO progress VALUES (?, ?, ?)", progress)
+            if finished:
+                ids = orjson.dumps(finished)
+                self._db.execute("DELETE FROM chunks WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+                self._db.execute("DELETE FROM progress WHERE chunk IN (SELECT value FROM json_each(?))", (ids,))
         for chunk, state in updated.items():
             self.unsent -= self._open[chunk].unsent - state.unsent
             if state.unsent:
@@ -319,11 +348,10 @@ class Spool:
             row = self._db.execute("SELECT inputs, events FROM chunks WHERE id = ?", (chunk,)).fetchone()
             if row is None:
                 raise SpoolError(f"chunk {chunk} is not in spool {self.path}")
-            state = self._opened(chunk, row[0], orjson.loads(row[1]))
+            state = self._opened(chunk, orjson.loads(row[0]), orjson.loads(row[1]))
         return state
 
-    def _opened(self, chunk: int, inputs: bytes, meta: list[list[Any]]) -> _Open:
-        input_rows = orjson.loads(inputs)
+    def _opened(self, chunk: int, input_rows: list[Any], meta: Sequence[Sequence[Any]]) -> _Open:
         progress = self._db.execute("SELECT settled FROM progress WHERE chunk = ?", (chunk,)).fetchone()
         done = set(orjson.loads(progress[0])) if progress else set()
         input_of = [event[0] for event in meta]
@@ -427,34 +455,48 @@ class Spool:
             for start in range(0, len(inputs), _MIGRATED_INPUTS):
                 part = inputs[start:start + _MIGRATED_INPUTS]
                 olds = [events[input_id] for input_id, *_ in part]
-                packed = _pack([(Record(origin, line, bytes(raw)), [e[:4] for e in old])
-                               for (_, origin, line, raw), old in zip(part, olds)])
+                columns = _pack([(Record(origin, line, bytes(raw)), [e[:4] for e in old])
+                                 for (_, origin, line, raw), old in zip(part, olds)]).columns
                 failed = [(number, index, why) for index, (number, why) in enumerate(
                     (number, e[4]) for number, old in enumerate(olds) for e in old) if why is not None]
                 chunk = self._db.execute(
-                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", packed
+                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", columns
                 ).lastrowid
                 if failed:
                     self._db.execute("INSERT INTO progress VALUES (?, ?, ?)",
-                                     (chunk, orjson.dumps([index for _, index, _ in failed]), packed[3] - len(failed)))
+                                     (chunk, orjson.dumps([index for _, index, _ in failed]), columns[3] - len(failed)))
                 self._db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?)",
                                      [(chunk, number, index, why) for number, index, why in failed])
             self._db.execute("DROP TABLE pending")
             self._db.execute("DROP TABLE inputs")
 
 
-def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> tuple[bytes, bytes, bytes, int, bytes] | None:
-    """The columns of a chunk row for ``encoded`` (inputs with their events: kind, rule, id, body), None
-    when no input emitted anything."""
+@dataclass(slots=True)
+class _Packed:
+    """A chunk as stored: ``inputs`` ``[origin, line, length of raw]``, ``events`` ``[input index, kind,
+    rule, id, length of body]``, their ``bodies``; ``columns``: the row to insert (when packed here)."""
+
+    inputs: list[Any]
+    events: list[Any]
+    bodies: list[bytes]
+    fresh: bool = True
+    columns: tuple[bytes, bytes, bytes, int, bytes] = (b"", b"", b"", 0, b"")
+
+
+def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> _Packed | None:
+    """``encoded`` (inputs with their events: kind, rule, id, body) packed as one chunk row; None when no
+    input emitted anything."""
     if not encoded:
         return None
     inputs, raws, events, bodies = [], [], [], []
     for number, (record, emitted) in enumerate(encoded):
         inputs.append((record.origin, record.line, len(record.raw)))
         raws.append(record.raw)
-        events += [(number, kind, rule, event_id, len(body)) for kind, rule, event_id, body in emitted]
-        bodies += [body for *_, body in emitted]
-    return orjson.dumps(inputs), orjson.dumps(events), b"".join(bodies), len(events), b"".join(raws)
+        for kind, rule, event_id, body in emitted:
+            events.append((number, kind, rule, event_id, len(body)))
+            bodies.append(body)
+    columns = (orjson.dumps(inputs), orjson.dumps(events), b"".join(bodies), len(events), b"".join(raws))
+    return _Packed(inputs, events, bodies, columns=columns)
 
 
 def _settled(state: _Open, indexes: list[int], whys: dict[int, bytes]) -> tuple[_Open, list[int]]:
