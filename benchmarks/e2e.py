@@ -18,6 +18,7 @@ import argparse
 import gc
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,6 @@ from benchmarks.standin import start_standin  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.delivery.dead_letters import rejected_input  # noqa: E402
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
-from engine.delivery.pipeline import pack  # noqa: E402
 from engine.delivery.spool import Chunk, Spool  # noqa: E402
 from engine.ingest.files import read_records  # noqa: E402
 from engine.limits import too_deep  # noqa: E402
@@ -176,7 +176,13 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     with Spool(spool_path) as spool:
         stage("spool commit (per slice)", "parent", lambda: _spool(spool, records, mapped))
         events = spool.unsent
-        stage("spool read", "parent (dispatcher)", lambda: _read_all(spool))
+        stage("spool read (chunks just committed)", "parent (dispatcher)", lambda: _read_all(spool))
+    shutil.copy(spool_path, folder / "settled.spool")
+    with Spool(folder / "settled.spool") as spool:
+        spooled = stage("spool read (from the file)", "parent (dispatcher)", lambda: spool.unsent_after(0, events))
+        stage("spool settle (per 0.2 s: 5 000 events)", "parent (dispatcher)", lambda: [
+            spool.settle(spooled[i:i + 5000], []) for i in range(0, len(spooled), 5000)])
+        assert spool.unsent == 0
     with Spool(spool_path) as spool:
         started, cpu = time.perf_counter(), time.process_time()
         Dispatcher(spool, endpoint=url, api_key=KEY).run()
@@ -209,8 +215,7 @@ def _spool(spool: Spool, records: list, mapped: list) -> None:
     """Pack and commit the mapped records a slice at a time, as ``run``'s parent does."""
     for start in range(0, len(records), SLICE):
         chunk = Chunk()
-        for record, one in zip(records[start:start + SLICE], mapped[start:start + SLICE]):
-            pack(chunk, record, one)
+        chunk.add_slice(list(zip(records[start:start + SLICE], mapped[start:start + SLICE])))
         spool.commit(chunk)
 
 

@@ -174,6 +174,7 @@ def test_settled_events_stay_settled_after_reopening(tmp_path: Path) -> None:
         assert b.event_id == "b"
         assert spool.settle([b], []) == 1
         assert told == [[("events.ndjson", 1)]]
+        assert spool.settle([b, c], []) == 0 and len(told) == 1  # settled before: nothing happens again
         assert spool.unsent == 0 and spool.unsent_after(0, 10) == []
         out = tmp_path / "dead.ndjson"
         assert spool.export_dead_letters(out) == 1

@@ -289,7 +289,8 @@ class Spool:
         failures, finished, progress = [], [], []
         completed: dict[int, list[int]] = {}
         for chunk, (indexes, whys) in touched.items():
-            before = self._state(chunk)
+            if (before := self._state(chunk)) is None:
+                continue  # settled before: its chunk has left the spool
             state, completed[chunk] = _settled(before, indexes, whys)
             updated[chunk] = state
             failures += [(chunk, before.input_of[i], i, why) for i, why in whys.items() if i not in before.settled]
@@ -342,12 +343,13 @@ class Spool:
             self._db.execute("DELETE FROM failures WHERE chunk = ? AND input = ?", (chunk, input_index))
         return len(dead)
 
-    def _state(self, chunk: int) -> _Open:
-        """What settling needs of chunk ``chunk`` (read from its row unless already in memory)."""
+    def _state(self, chunk: int) -> _Open | None:
+        """What settling needs of chunk ``chunk`` (read from its row unless already in memory); None
+        when it is no longer in the spool."""
         if (state := self._open.get(chunk)) is None:
             row = self._db.execute("SELECT inputs, events FROM chunks WHERE id = ?", (chunk,)).fetchone()
             if row is None:
-                raise SpoolError(f"chunk {chunk} is not in spool {self.path}")
+                return None
             state = self._opened(chunk, orjson.loads(row[0]), orjson.loads(row[1]))
         return state
 

@@ -7,8 +7,9 @@ one core with the spool and the reader, that difference is a tenth of ``run``'s 
 keeps httpx's interface (requests, responses, exceptions, the ``transport=`` seam), and uses httpx's
 own transport when the environment names a proxy for the endpoint (:func:`default_transport`).
 
-Failures are raised as httpx's: a timeout as :class:`httpx.TimeoutException`, any other failure to
-connect, send or read as :class:`httpx.TransportError`. A kept-alive connection the server closed
+Failures are raised as httpx's: a timeout as :class:`httpx.TimeoutException`, a header that cannot
+be sent as :class:`httpx.LocalProtocolError`, any other failure to connect, send or read as
+:class:`httpx.TransportError`. A kept-alive connection the server closed
 meanwhile is opened again once, at once, before the failure counts.
 """
 
@@ -63,6 +64,9 @@ class PerThreadTransport(httpx.BaseTransport):
                     kept = False  # the server closed the idle connection: once more, on a new one
                     continue
                 raise httpx.RemoteProtocolError(f"{type(exc).__name__}: {exc}", request=request) from exc
+            except ValueError as exc:  # a header http.client will not send (a line break in it)
+                self._drop()
+                raise httpx.LocalProtocolError(str(exc), request=request) from exc
             except TimeoutError as exc:
                 self._drop()
                 raise httpx.ReadTimeout(f"no answer within {self._timeout} s", request=request) from exc
