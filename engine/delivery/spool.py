@@ -215,11 +215,11 @@ class Spool:
 
     def commit(self, chunk: Chunk) -> None:
         """Store a chunk: its events, its dead letters and its checkpoints, all or nothing."""
-        packed = _pack(chunk.encoded)
+        packed, columns = _pack(chunk.encoded)
         with self._transaction():
             if packed:
                 row = self._db.execute(
-                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", packed.columns
+                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", columns
                 ).lastrowid
             if chunk.encoded_dead_letters:
                 self._db.executemany(
@@ -274,7 +274,7 @@ class Spool:
 
         ``failed`` pairs an event with its rejection (``rule``, ``path``, ``reason``, ...). An
         input whose events are all settled leaves the spool, with one ``deliver`` dead letter
-        listing its failed events, if any. Each touched chunk costs one row update (or delete).
+        listing its failed events, if any. A touched chunk costs one small progress row (or its delete).
         """
         if not delivered and not failed:
             return 0
@@ -457,8 +457,8 @@ class Spool:
             for start in range(0, len(inputs), _MIGRATED_INPUTS):
                 part = inputs[start:start + _MIGRATED_INPUTS]
                 olds = [events[input_id] for input_id, *_ in part]
-                columns = _pack([(Record(origin, line, bytes(raw)), [e[:4] for e in old])
-                                 for (_, origin, line, raw), old in zip(part, olds)]).columns
+                _, columns = _pack([(Record(origin, line, bytes(raw)), [e[:4] for e in old])
+                                    for (_, origin, line, raw), old in zip(part, olds)])
                 failed = [(number, index, why) for index, (number, why) in enumerate(
                     (number, e[4]) for number, old in enumerate(olds) for e in old) if why is not None]
                 chunk = self._db.execute(
@@ -473,23 +473,25 @@ class Spool:
             self._db.execute("DROP TABLE inputs")
 
 
-@dataclass(slots=True)
-class _Packed:
+class _Packed(NamedTuple):
     """A chunk as stored: ``inputs`` ``[origin, line, length of raw]``, ``events`` ``[input index, kind,
-    rule, id, length of body]``, their ``bodies``; ``columns``: the row to insert (when packed here)."""
+    rule, id, length of body]``, their ``bodies``; ``fresh``: packed here, not read back."""
 
     inputs: list[Any]
     events: list[Any]
     bodies: list[bytes]
     fresh: bool = True
-    columns: tuple[bytes, bytes, bytes, int, bytes] = (b"", b"", b"", 0, b"")
 
 
-def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> _Packed | None:
-    """``encoded`` (inputs with their events: kind, rule, id, body) packed as one chunk row; None when no
-    input emitted anything."""
+_Columns = tuple[bytes, bytes, bytes, int, bytes]
+"""A ``chunks`` row: inputs, events, bodies, count, raws."""
+
+
+def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> tuple[_Packed | None, _Columns]:
+    """``encoded`` (inputs with their events: kind, rule, id, body) packed as one chunk row (None when no
+    input emitted anything), and its columns."""
     if not encoded:
-        return None
+        return None, (b"", b"", b"", 0, b"")
     inputs, raws, events, bodies = [], [], [], []
     for number, (record, emitted) in enumerate(encoded):
         inputs.append((record.origin, record.line, len(record.raw)))
@@ -498,7 +500,7 @@ def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]
             events.append((number, kind, rule, event_id, len(body)))
             bodies.append(body)
     columns = (orjson.dumps(inputs), orjson.dumps(events), b"".join(bodies), len(events), b"".join(raws))
-    return _Packed(inputs, events, bodies, columns=columns)
+    return _Packed(inputs, events, bodies), columns
 
 
 def _settled(state: _Open, indexes: list[int], whys: dict[int, bytes]) -> tuple[_Open, list[int]]:
