@@ -85,3 +85,9 @@ def test_a_proxy_named_by_the_environment_is_used_unless_the_host_is_spared(monk
     assert isinstance(default_transport("http://127.0.0.1:9", 5.0, 8), PerThreadTransport)  # an https proxy only
     monkeypatch.setenv("NO_PROXY", "api.topsort.com")
     assert isinstance(default_transport("https://api.topsort.com", 5.0, 8), PerThreadTransport)
+
+
+def test_an_endpoint_httpx_cannot_parse_is_left_to_fail_at_its_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As before: the dispatcher's first request fails and stops delivery with httpx's reason."""
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    assert isinstance(default_transport("http://[::1/v2/events", 5.0, 8), PerThreadTransport)

@@ -26,7 +26,10 @@ import httpx
 def default_transport(url: str, timeout: float, connections: int) -> httpx.BaseTransport:
     """The transport for ``url``: :class:`PerThreadTransport`, or httpx's through the proxy that
     ``HTTPS_PROXY``/``HTTP_PROXY``/``ALL_PROXY`` name for it (unless ``NO_PROXY`` spares its host)."""
-    parsed = httpx.URL(url)
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return PerThreadTransport(timeout)  # each request fails as httpx says why
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get(parsed.scheme) or proxies.get("all")
     if proxy and not urllib.request.proxy_bypass_environment(parsed.host, proxies):
