@@ -252,7 +252,7 @@ class Spool:
             (chunk,) = row
             packed = self._fresh.pop(chunk, None) or self._read(chunk)
             self._fresh_events -= len(packed.events) if packed.fresh else 0
-            done = (self._open.get(chunk) or self._opened(chunk, packed.inputs, packed.events)).settled
+            done = (self._open.get(chunk) or self._opened(chunk, packed.inputs, packed.events, packed.fresh)).settled
             for index, ((input_index, kind, rule, event_id, _), body) in enumerate(zip(packed.events, packed.bodies)):
                 if index not in done:
                     spooled.append(Spooled(chunk, index, input_index, kind, rule, event_id, body))
@@ -354,15 +354,18 @@ class Spool:
             state = self._opened(chunk, orjson.loads(row[0]), orjson.loads(row[1]))
         return state
 
-    def _opened(self, chunk: int, input_rows: list[Any], meta: Sequence[Sequence[Any]]) -> _Open:
-        progress = self._db.execute("SELECT settled FROM progress WHERE chunk = ?", (chunk,)).fetchone()
+    def _opened(self, chunk: int, input_rows: list[Any], meta: Sequence[Sequence[Any]], fresh: bool = False) -> _Open:
+        """Keep in memory what settling needs of a chunk; ``fresh``: committed by this process, nothing of it
+        settled yet (no need to ask the file)."""
+        progress = None if fresh else self._db.execute("SELECT settled FROM progress WHERE chunk = ?", (chunk,)).fetchone()
         done = set(orjson.loads(progress[0])) if progress else set()
         input_of = [event[0] for event in meta]
         left = [0] * len(input_rows)
         for index, input_index in enumerate(input_of):
             if index not in done:
                 left[input_index] += 1
-        failed = {i for (i,) in self._db.execute("SELECT DISTINCT input FROM failures WHERE chunk = ?", (chunk,))}
+        failed = set() if fresh else {
+            i for (i,) in self._db.execute("SELECT DISTINCT input FROM failures WHERE chunk = ?", (chunk,))}
         state = self._open[chunk] = _Open(input_rows, input_of, left, done, len(meta) - len(done), failed)
         return state
 
