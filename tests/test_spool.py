@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -240,3 +243,64 @@ def test_a_spool_of_the_previous_version_is_converted_with_its_events(tmp_path: 
     assert (deliver["stage"], deliver["line"], deliver["messageId"]) == ("deliver", 3, "m-3")
     assert [r["reason"] for r in deliver["rejected"]] == ["bad x"]
     assert not tables & {"inputs", "pending"}
+
+
+_WORKER = """
+import random, sys
+from engine.delivery.spool import Checkpoint, Chunk, Spool
+from engine.mapping import Mapped, MappedEvent
+from engine.record import Record
+
+path, inputs, per_chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with Spool(path) as spool:
+    done = spool.checkpoint("src")
+    line = done.line if done else 0
+    while True:
+        if line < inputs:
+            chunk = Chunk()
+            for line in range(line + 1, min(line + per_chunk, inputs) + 1):
+                raw = b'{"messageId": "m-%d"}' % line
+                events = tuple(MappedEvent("impressions", "r", f"{line}-{n}", b'{"id": "%d-%d"}' % (line, n))
+                               for n in range(line % 3 + 1))
+                chunk.add_mapped(Record("events", line, raw), Mapped(None, "emitted", events, (), None))
+            chunk.checkpoint("src", Checkpoint(line, line))
+            spool.commit(chunk)
+        rows = spool.unsent_after(0, 10_000)
+        if not rows and line >= inputs:
+            break
+        random.shuffle(rows)
+        while rows:
+            size = random.randint(1, 200)
+            part, rows = rows[:size], rows[size:]
+            failed = [(r, {"reason": f"refused {r.event_id}"}) for r in part if r.event_id.endswith("-1")]
+            spool.settle([r for r in part if not r.event_id.endswith("-1")], failed)
+"""
+
+
+def test_a_spool_killed_at_any_instant_ends_every_input_once(tmp_path: Path) -> None:
+    """Commit and settle in a process killed again and again at random instants: each input ends once,
+    and an input with a refused event becomes one dead letter listing every refusal."""
+    path, inputs = tmp_path / "spool.db", 60_000
+    command = [sys.executable, "-c", _WORKER, str(path), str(inputs), "29"]
+    rng, kills = random.Random(13), 0
+    for _ in range(30):
+        worker = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
+        try:
+            worker.wait(timeout=rng.uniform(0.4, 0.9))  # past the start-up (~0.3 s), into commits and settlements
+            break
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+            kills += 1
+    else:
+        worker = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert worker.returncode == 0 and kills >= 3
+    out = tmp_path / "dead.ndjson"
+    with Spool(path) as spool:
+        assert spool.unsent == 0
+        spool.export_dead_letters(out)
+        for table in ("chunks", "progress", "failures"):
+            assert spool._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] == 0, table
+    letters = list(read_dead_letters(out))
+    assert sorted(letter["line"] for letter in letters) == [n for n in range(1, inputs + 1) if n % 3]
+    assert all([r["reason"] for r in letter["rejected"]] == [f"refused {letter['line']}-1"] for letter in letters)
