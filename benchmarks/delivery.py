@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/delivery.py [--events 100000] [--rounds 3] [--in-flight 8]
 
 The sandbox runs in a process of its own (as Topsort would be elsewhere), so the figure is the
-client's: reading the spool, building bodies of 50 impressions, 8 requests in flight on one
-keep-alive client, settling outcomes in SQLite. Spool filling is not timed.
+client's: reading the spool, building bodies of 50 impressions, 8 requests in flight, each on a
+keep-alive connection of its own, settling outcomes in SQLite. Spool filling is not timed.
 """
 
 from __future__ import annotations
