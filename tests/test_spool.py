@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -246,13 +247,15 @@ def test_a_spool_of_the_previous_version_is_converted_with_its_events(tmp_path: 
 
 
 _WORKER = """
-import random, sys
+import os, random, signal, sys, threading
 from engine.delivery.spool import Checkpoint, Chunk, Spool
 from engine.mapping import Mapped, MappedEvent
 from engine.record import Record
 
-path, inputs, per_chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, inputs, per_chunk, dies_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 with Spool(path) as spool:
+    if dies_after:  # counted from here, past the start-up: the instant falls among commits and settlements
+        threading.Timer(dies_after, os.kill, (os.getpid(), signal.SIGKILL)).start()
     done = spool.checkpoint("src")
     line = done.line if done else 0
     while True:
@@ -283,17 +286,11 @@ def test_a_spool_killed_at_any_instant_ends_every_input_once(tmp_path: Path) -> 
     path, inputs = tmp_path / "spool.db", 60_000
     command = [sys.executable, "-c", _WORKER, str(path), str(inputs), "29"]
     rng, kills = random.Random(13), 0
-    for _ in range(30):
-        worker = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1])
-        try:
-            worker.wait(timeout=rng.uniform(0.4, 0.9))  # past the start-up (~0.3 s), into commits and settlements
+    for dies_after in [rng.uniform(0.01, 0.25) for _ in range(8)] + [0]:
+        worker = subprocess.run([*command, str(dies_after)], cwd=Path(__file__).resolve().parents[1], timeout=120)
+        kills += worker.returncode == -signal.SIGKILL
+        if worker.returncode == 0:
             break
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-            kills += 1
-    else:
-        worker = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert worker.returncode == 0 and kills >= 3
     out = tmp_path / "dead.ndjson"
     with Spool(path) as spool:
