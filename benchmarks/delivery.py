@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/delivery.py [--events 100000] [--rounds 3] [--in-flight 8]
 
 The sandbox runs in a process of its own (as Topsort would be elsewhere), so the figure is the
-client's: reading the spool, building bodies of 50 impressions, 8 requests in flight on one
-keep-alive client, settling outcomes in SQLite. Spool filling is not timed.
+client's: reading the spool, building bodies of 50 impressions, 8 requests in flight, each on a
+keep-alive connection of its own, settling outcomes in SQLite. Spool filling is not timed.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.standin import start_server  # noqa: E402
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
+from engine.mapping import Mapped, encode_events  # noqa: E402
 from engine.outcome import Emitted  # noqa: E402
 from engine.record import Record  # noqa: E402
 from engine.delivery.spool import Chunk, Spool  # noqa: E402
@@ -62,8 +63,9 @@ def _round(url: str, count: int, in_flight: int, number: int) -> float:
                 "resolvedBidId": f"bid-{n}",
                 "placement": {"path": "/search", "position": n % 20 + 1},
             }
-            chunk.add(Record("bench", n + 1, orjson.dumps(segment), event=segment),
-                      [Emitted("impressions", "product-viewed", event)])
+            events = encode_events([Emitted("impressions", "product-viewed", event)])
+            chunk.add_mapped(Record("bench", n + 1, orjson.dumps(segment), event=segment),
+                             Mapped(segment["messageId"], "emitted", events, (), None))
         spool.commit(chunk)
         dispatcher = Dispatcher(spool, endpoint=url, api_key=KEY, max_in_flight=in_flight)
         cpu, started = time.process_time(), time.perf_counter()

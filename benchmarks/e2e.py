@@ -18,6 +18,7 @@ import argparse
 import gc
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,9 +174,15 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     stage("map output: batch, write", "parent", lambda: _map_output(mapped))
     spool_path = folder / "stages.spool"
     with Spool(spool_path) as spool:
-        stage("spool commit (per slice)", "parent", lambda: _spool(spool, decoded, outcomes))
+        stage("spool commit (per slice)", "parent", lambda: _spool(spool, records, mapped))
         events = spool.unsent
-        stage("spool read", "parent (dispatcher)", lambda: _read_all(spool))
+        stage("spool read (chunks just committed)", "parent (dispatcher)", lambda: _read_all(spool))
+    shutil.copy(spool_path, folder / "settled.spool")
+    with Spool(folder / "settled.spool") as spool:
+        spooled = stage("spool read (from the file)", "parent (dispatcher)", lambda: spool.unsent_after(0, events))
+        stage("spool settle (per 0.2 s: 5 000 events)", "parent (dispatcher)", lambda: [
+            spool.settle(spooled[i:i + 5000], []) for i in range(0, len(spooled), 5000)])
+        assert spool.unsent == 0
     with Spool(spool_path) as spool:
         started, cpu = time.perf_counter(), time.process_time()
         Dispatcher(spool, endpoint=url, api_key=KEY).run()
@@ -204,20 +211,18 @@ def _map_output(mapped: list) -> int:
     return written
 
 
-def _spool(spool: Spool, decoded: list, outcomes: list) -> None:
-    for start in range(0, len(decoded), SLICE):
+def _spool(spool: Spool, records: list, mapped: list) -> None:
+    """Pack and commit the mapped records a slice at a time, as ``run``'s parent does."""
+    for start in range(0, len(records), SLICE):
         chunk = Chunk()
-        for record, outcome in zip(decoded[start:start + SLICE], outcomes[start:start + SLICE]):
-            chunk.add(record, outcome.emitted)
-            if outcome.rejected:
-                chunk.dead_letter(rejected_input(record, outcome))
+        chunk.add_slice(list(zip(records[start:start + SLICE], mapped[start:start + SLICE])))
         spool.commit(chunk)
 
 
 def _read_all(spool: Spool) -> int:
-    seq, read = 0, 0
-    while rows := spool.unsent_after(seq, 500):
-        seq, read = rows[-1].seq, read + len(rows)
+    chunk, read = 0, 0
+    while rows := spool.unsent_after(chunk, 1000):
+        chunk, read = rows[-1].chunk, read + len(rows)
     return read
 
 

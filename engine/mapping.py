@@ -20,7 +20,7 @@ from typing import NamedTuple, Protocol
 import orjson
 
 from .engine import Engine
-from .outcome import Kind, Rejection, rejected_input
+from .outcome import Emitted, Kind, Rejection, rejected_input
 from .record import Record, decode
 
 
@@ -42,6 +42,11 @@ class Mapped(NamedTuple):
     rejected: tuple[Rejection, ...]
     dead_letter: bytes | None
     """The encoded dead-letter record (stage ``decode`` or ``map``) when anything was rejected."""
+
+
+def encode_events(emitted: Iterable[Emitted]) -> tuple[MappedEvent, ...]:
+    """Topsort events as the map stage hands them on: each with its JSON encoding."""
+    return tuple(MappedEvent(e.kind, e.rule, str(e.event["id"]), orjson.dumps(e.event)) for e in emitted)
 
 
 class Mapper(Protocol):
@@ -76,9 +81,6 @@ class InProcessMapper:
         """What one record (decoded or not) became."""
         record = decode(record)
         outcome = self.engine.process_record(record)
-        events = tuple(
-            MappedEvent(emitted.kind, emitted.rule, str(emitted.event["id"]), orjson.dumps(emitted.event))
-            for emitted in outcome.emitted
-        )
+        events = encode_events(outcome.emitted)
         dead = orjson.dumps(rejected_input(record, outcome)) if outcome.rejected else None
         return Mapped(outcome.message_id, outcome.verdict, events, outcome.rejected, dead)

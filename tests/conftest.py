@@ -7,7 +7,7 @@ jsonschema-rs validator the engine itself uses.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,10 @@ import orjson
 import pytest
 
 from engine import Engine, Outcome
+from engine.delivery.spool import Chunk
+from engine.mapping import Mapped, encode_events
+from engine.outcome import Emitted
+from engine.record import Record
 from engine.sandbox.server import Faults, Sandbox
 from engine.topsort.schema import topsort_schema
 
@@ -29,6 +33,11 @@ _REFERENCE = {
 _REQUEST = jsonschema.Draft202012Validator(
     topsort_schema().document, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
 )
+
+
+def spool_emitted(chunk: Chunk, record: Record, emitted: Sequence[Emitted]) -> None:
+    """Add to ``chunk`` the events ``record`` emitted, encoded as the map stage encodes them."""
+    chunk.add_mapped(record, Mapped(None, "emitted", encode_events(emitted), (), None))
 
 
 def assert_valid_topsort(kind: str, event: dict[str, Any]) -> None:

@@ -24,6 +24,8 @@ from engine.sandbox.server import Faults, Sandbox
 from engine.record import Record
 from engine.delivery.spool import Chunk, Spool
 
+from .conftest import spool_emitted
+
 KEY = "sk_test_dispatch-0123456789"
 WHEN = "2026-11-27T10:00:00Z"
 
@@ -53,7 +55,7 @@ def _spool(path: Path, emitted: list[Emitted]) -> Spool:
     chunk = Chunk()
     for line, e in enumerate(emitted, start=1):
         segment = {"type": "track", "messageId": f"m-{line}", "properties": {"n": line}}
-        chunk.add(Record("events.ndjson", line, orjson.dumps(segment), event=segment), [e])
+        spool_emitted(chunk, Record("events.ndjson", line, orjson.dumps(segment), event=segment), [e])
     spool.commit(chunk)
     return spool
 
@@ -99,7 +101,7 @@ def test_a_partial_batch_leaves_after_the_maximum_latency(sandbox: Sandbox, tmp_
         for first in (0, 3):
             chunk = Chunk()
             for n in range(first, first + 3):
-                chunk.add(Record("live", n + 1, b"{}", event={}), [_impression(n)])
+                spool_emitted(chunk, Record("live", n + 1, b"{}", event={}), [_impression(n)])
             yield chunk
             started = time.monotonic()
             while time.monotonic() - started < 3 and len(_stored_ids(sandbox)) < first + 3:

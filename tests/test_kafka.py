@@ -42,7 +42,7 @@ from engine.sandbox.server import Faults, Sandbox
 from engine.record import Record
 from engine.delivery.spool import Chunk, Spool, Spooled
 
-from .conftest import ROOT
+from .conftest import ROOT, spool_emitted
 
 KEY = "kafka-test-key"
 GROUP_TIMEOUTS = {"SEGMENT_TOPSORT_KAFKA_SESSION_TIMEOUT_MS": "6000",
@@ -65,8 +65,8 @@ def test_spool_reports_inputs_as_they_leave_it(tmp_path: Path) -> None:
     told: list[list[tuple[str | None, int | None]]] = []
     with Spool(tmp_path / "s.spool", on_settled=told.append) as spool:
         chunk = Chunk()
-        chunk.add(Record("t/0", 5, b"{}", event={}), [_emitted("a"), _emitted("b")])
-        chunk.add(Record("t/1", 9, b"{}", event={}), [_emitted("c")])
+        spool_emitted(chunk, Record("t/0", 5, b"{}", event={}), [_emitted("a"), _emitted("b")])
+        spool_emitted(chunk, Record("t/1", 9, b"{}", event={}), [_emitted("c")])
         spool.commit(chunk)
         a, b, c = _spooled(spool)
         spool.settle([a], [])
@@ -85,7 +85,7 @@ def test_dead_letters_stay_when_the_sink_fails(tmp_path: Path) -> None:
 
     with Spool(tmp_path / "s.spool") as spool:
         chunk = Chunk()
-        chunk.dead_letter(dead_letter(stage="map", rejected=[], event={"messageId": "m"}))
+        chunk.encoded_dead_letters.append(orjson.dumps(dead_letter(stage="map", rejected=[], event={"messageId": "m"})))
         spool.commit(chunk)
         with pytest.raises(OSError):
             spool.take_dead_letters(broken)

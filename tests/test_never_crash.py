@@ -35,7 +35,7 @@ from engine.sandbox.server import Faults, Sandbox
 from engine.record import Record
 from engine.delivery.spool import Chunk, Spool
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, spool_emitted
 
 KEY = "sk_test_never-crash-0123456789"
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -202,7 +202,7 @@ def test_5_dispatch_never_writes_the_authorization_header_into_a_reason(sandbox:
     emitted = Engine.from_folders().process(event).emitted
     with Spool(tmp_path / "spool") as spool:
         chunk = Chunk()
-        chunk.add(Record("events", 1, orjson.dumps(event), event=event), emitted)
+        spool_emitted(chunk, Record("events", 1, orjson.dumps(event), event=event), emitted)
         dispatcher = Dispatcher(spool, endpoint=sandbox.url, api_key=bad_key, policy=RetryPolicy(max_elapsed=0.3))
         deliver(dispatcher, [chunk])
         spool.export_dead_letters(tmp_path / "dead.ndjson")

@@ -49,6 +49,13 @@ class MapStep:
         """Each record with what it became, in order."""
         return list(zip(records, self.mapper.map(records), strict=True))
 
+    def pack_slice(self, chunk: Chunk, pairs: Sequence[tuple[Record, Mapped]]) -> None:
+        """Count each outcome of a slice, then add them all to ``chunk`` (dead letters included)."""
+        if self._count:
+            for _, mapped in pairs:
+                self._count(mapped)
+        chunk.add_slice(pairs)
+
     def pack(self, chunk: Chunk, record: Record, mapped: Mapped, dead_letters: DeadLetterSink | None = None) -> None:
         """Count ``mapped``, then :func:`pack` it."""
         if self._count:
@@ -113,9 +120,8 @@ class Pipeline:
 
     def _chunk(self, source: Source, records: list[Record], checkpoint: Checkpoint | None) -> Chunk:
         chunk = Chunk()
-        for record, mapped in self.step.map(records):
-            self.step.pack(chunk, record, mapped)
-            self.bytes += len(record.raw) + 1
+        self.step.pack_slice(chunk, self.step.map(records))
+        self.bytes += sum(len(record.raw) for record in records) + len(records)
         self.read += len(records)
         if source.key and checkpoint:
             chunk.checkpoint(source.key, checkpoint)

@@ -2,21 +2,31 @@
 
 It holds, in one database so that every change is atomic:
 
-* ``inputs``: each input event that emitted something, as read (its raw line), with origin and line;
-* ``pending``: each Topsort event still to deliver (or given up, awaiting its siblings);
+* ``chunks``: one row per committed chunk of input that emitted events, written once: its inputs
+  (origin, line, raw line) and their Topsort events (kind, rule, id, JSON body) packed in a few
+  columns (the raw lines last: reading the events never walks their pages);
+* ``progress``: the events settled so far of a chunk partly settled (a small row, rewritten by
+  each settlement that touches the chunk);
+* ``failures``: why an event was given up, while its input still has events on their way;
 * ``dead_letters``: dead-letter records not yet exported to the NDJSON file (a ``deliver`` one as
   the parts it is made of, so that settling stores and does not build);
 * ``checkpoints``: how far each input source has been read;
 * ``seen_messages``: the messageIds ``serve`` committed lately (its deduplication window).
 
 Mapped events, dead letters and the source checkpoint of one chunk of input are committed in
-one transaction, so a run killed at any instant resumes exactly where it stopped. An event leaves
-``pending`` only when Topsort accepted it or it is dead-lettered; when the last event of an input
-is settled, the input is dropped, with one ``deliver`` dead letter if any of its events failed.
+one transaction, so a run killed at any instant resumes exactly where it stopped. An event is
+settled when Topsort accepted it or it was given up; settling writes its chunk's progress once per
+settlement, whatever the number of its events, and deletes the chunk once every event is settled. When
+the last event of an input is settled, the input leaves the spool, with one ``deliver`` dead letter
+if any of its events failed. Costs go per chunk and per settlement, not per event: only an event
+given up has a row of its own.
+
+A spool written by the previous version (one row per input and per event) is converted when opened.
 """
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +38,7 @@ import orjson
 
 from .dead_letters import DeadLetterFile, now, undelivered_input
 from ..errors import SpoolError
-from ..outcome import Emitted, Kind
+from ..outcome import Kind
 
 from ..record import Checkpoint, Record
 
@@ -36,22 +46,26 @@ if TYPE_CHECKING:
     from ..mapping import Mapped, MappedEvent
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS inputs (
-    id INTEGER PRIMARY KEY,
-    origin TEXT,
-    line INTEGER,
-    raw BLOB NOT NULL
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: delivery reads on from the last id
+    inputs BLOB NOT NULL,   -- JSON [[origin, line, length of raw], ...]: the inputs that emitted
+    events BLOB NOT NULL,   -- JSON [[input index, kind, rule, id, length of body], ...]
+    bodies BLOB NOT NULL,   -- the events' JSON, one after the other
+    count INTEGER NOT NULL, -- how many events
+    raws BLOB NOT NULL      -- the inputs' raw lines, one after the other
 );
-CREATE TABLE IF NOT EXISTS pending (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: delivery reads on from the last seq
-    input_id INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    body BLOB NOT NULL,
-    failure BLOB
+CREATE TABLE IF NOT EXISTS progress (
+    chunk INTEGER PRIMARY KEY,
+    settled BLOB NOT NULL,  -- JSON [event index, ...] of the chunk's events settled
+    unsent INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS pending_by_input ON pending (input_id);
+CREATE TABLE IF NOT EXISTS failures (
+    chunk INTEGER NOT NULL,
+    input INTEGER NOT NULL,
+    event INTEGER NOT NULL,
+    why BLOB NOT NULL,
+    PRIMARY KEY (chunk, input, event)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     record BLOB NOT NULL
@@ -73,12 +87,22 @@ CREATE TABLE IF NOT EXISTS seen_messages (
 CREATE INDEX IF NOT EXISTS seen_messages_by_time ON seen_messages (seen_at);
 """
 
+_FRESH_EVENTS = 50_000
+"""Most events of chunks committed and not read yet kept in memory for delivery (the rest is read back)."""
+_MIGRATED_INPUTS = 500
+"""Inputs of an old-format spool packed into each chunk when it is converted."""
+
+Position = tuple[str | None, int | None]
+"""Where an input came from: its origin and line (or Kafka partition and offset)."""
+
 
 class Spooled(NamedTuple):
-    """One Topsort event waiting in the spool; ``body`` is its JSON encoding."""
+    """One Topsort event waiting in the spool: the ``index`` th of chunk ``chunk``, made by the
+    ``input`` th input of that chunk; ``body`` is its JSON encoding."""
 
-    seq: int
-    input_id: int
+    chunk: int
+    index: int
+    input: int
     kind: Kind
     rule: str
     event_id: str
@@ -89,8 +113,6 @@ class Spooled(NamedTuple):
 class Chunk:
     """What one slice of input produced; :meth:`Spool.commit` stores it in one transaction."""
 
-    inputs: list[tuple[Record, Sequence[Emitted]]] = field(default_factory=list)
-    dead_letters: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: dict[str, Checkpoint] = field(default_factory=dict)
     seen: list[tuple[str, float]] = field(default_factory=list)
     """``(messageId, wall-clock time)`` of the inputs taken, remembered in the same transaction."""
@@ -106,21 +128,33 @@ class Chunk:
         if mapped.events:
             self.encoded.append((record, mapped.events))
 
-    def add(self, record: Record, emitted: Sequence[Emitted]) -> None:
-        """Spool the events ``record`` emitted."""
-        if emitted:
-            self.inputs.append((record, emitted))
-
-    def dead_letter(self, record: dict[str, Any]) -> None:
-        """Keep a dead-letter record (see :func:`engine.delivery.dead_letters.dead_letter`)."""
-        self.dead_letters.append(record)
+    def add_slice(self, pairs: Sequence[tuple[Record, Mapped]]) -> None:
+        """:meth:`add_mapped` for each record of a slice, with its dead letter, at a fraction of the cost."""
+        self.encoded_dead_letters += [m.dead_letter for _, m in pairs if m.dead_letter is not None]
+        self.encoded += [(record, m.events) for record, m in pairs if m.events]
 
     def checkpoint(self, source: str, checkpoint: Checkpoint) -> None:
         """Record how far ``source`` has been read."""
         self.checkpoints[source] = checkpoint
 
 
-Settled = Callable[[list[tuple[str | None, int | None]]], None]
+@dataclass(slots=True)
+class _Open:
+    """What settling needs of a chunk row being delivered, kept in memory while it is."""
+
+    inputs: list[list[Any]]
+    """``[origin, line, length of raw]`` of each input."""
+    input_of: list[int]
+    """The input of each event."""
+    left: list[int]
+    """Events of each input not settled yet."""
+    settled: set[int]
+    unsent: int
+    failed: set[int]
+    """Inputs with an event given up."""
+
+
+Settled = Callable[[list[Position]], None]
 """Told the ``(origin, line)`` of the inputs that left the spool in one settlement."""
 
 
@@ -134,13 +168,20 @@ class Spool:
     def __init__(self, path: str | Path, *, on_settled: Settled | None = None) -> None:
         self.path = Path(path)
         self._on_settled = on_settled
+        self._open: dict[int, _Open] = {}
+        self._fresh: dict[int, _Packed] = {}
+        """Chunks committed by this process and not read yet, as they were packed (no need to read them back)."""
+        self._fresh_events = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)
         try:
+            self._db.execute("PRAGMA page_size = 16384")  # a new file only: fewer pages per chunk
             self._db.execute("PRAGMA locking_mode = EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.execute("PRAGMA secure_delete = FAST")  # Debian's default (ON) zeroes every page a settled chunk frees
             self._db.executescript(_SCHEMA)
+            self._migrate()
         except sqlite3.OperationalError as exc:
             self._db.close()
             if "locked" in str(exc):
@@ -149,8 +190,10 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise SpoolError(f"{self.path} is not a spool file: {exc}") from exc
-        self._next_input = self._scalar("SELECT COALESCE(MAX(id), 0) FROM inputs") + 1
-        self.unsent = self._scalar("SELECT COUNT(*) FROM pending WHERE failure IS NULL")
+        self._last = self._scalar("SELECT COALESCE(MAX(id), 0) FROM chunks")
+        """The last chunk stored: none is read after it."""
+        self.unsent = self._scalar(
+            "SELECT COALESCE(SUM(COALESCE(unsent, count)), 0) FROM chunks LEFT JOIN progress ON chunk = id")
         """How many events wait for delivery (kept in memory; the process holds the spool alone)."""
 
     def close(self) -> None:
@@ -173,108 +216,158 @@ class Spool:
 
     def commit(self, chunk: Chunk) -> None:
         """Store a chunk: its events, its dead letters and its checkpoints, all or nothing."""
-        inputs, pending = [], []
-        input_id = self._next_input
-        for record, emitted in chunk.inputs:
-            inputs.append((input_id, record.origin, record.line, record.raw))
-            pending.extend(
-                (input_id, e.kind, e.rule, str(e.event["id"]), orjson.dumps(e.event))
-                for e in emitted
-            )
-            input_id += 1
-        for record, events in chunk.encoded:
-            inputs.append((input_id, record.origin, record.line, record.raw))
-            pending.extend((input_id, e.kind, e.rule, e.id, e.body) for e in events)
-            input_id += 1
+        packed, columns = _pack(chunk.encoded)
         with self._transaction():
-            self._db.executemany("INSERT INTO inputs VALUES (?, ?, ?, ?)", inputs)
-            self._db.executemany(
-                "INSERT INTO pending (input_id, kind, rule, event_id, body) VALUES (?, ?, ?, ?, ?)",
-                pending,
-            )
-            self._db.executemany(
-                "INSERT INTO dead_letters (record) VALUES (?)",
-                [(orjson.dumps(r),) for r in chunk.dead_letters] + [(r,) for r in chunk.encoded_dead_letters],
-            )
+            if packed:
+                row = self._db.execute(
+                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", columns
+                ).lastrowid
+            if chunk.encoded_dead_letters:
+                self._db.executemany(
+                    "INSERT INTO dead_letters (record) VALUES (?)", [(r,) for r in chunk.encoded_dead_letters]
+                )
             self._db.executemany(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
                 [(source, c.offset, c.line, c.head) for source, c in chunk.checkpoints.items()],
             )
-            self._db.executemany("INSERT OR REPLACE INTO seen_messages VALUES (?, ?)", chunk.seen)
-        self._next_input = input_id
-        self.unsent += len(pending)
+            if chunk.seen:
+                self._db.executemany("INSERT OR REPLACE INTO seen_messages VALUES (?, ?)", chunk.seen)
+        if packed:
+            self._last = row
+            self.unsent += len(packed.events)
+            if self._fresh_events < _FRESH_EVENTS:
+                self._fresh[row] = packed
+                self._fresh_events += len(packed.events)
 
     # -- delivery -------------------------------------------------------------------------------
 
-    def unsent_after(self, seq: int, limit: int) -> list[Spooled]:
-        """Up to ``limit`` events waiting for delivery, in spool order, after position ``seq``."""
-        rows = self._db.execute(
-            "SELECT seq, input_id, kind, rule, event_id, body FROM pending"
-            " WHERE seq > ? AND failure IS NULL ORDER BY seq LIMIT ?",
-            (seq, limit),
-        ).fetchall()
-        return list(map(Spooled._make, rows))
+    def unsent_after(self, chunk: int, limit: int) -> list[Spooled]:
+        """The events waiting for delivery, in spool order, of the chunks after chunk ``chunk``:
+        whole chunks, until at least ``limit`` events (fewer: there are no more)."""
+        spooled: list[Spooled] = []
+        while len(spooled) < limit and chunk < self._last:
+            row = self._db.execute("SELECT id FROM chunks WHERE id > ? ORDER BY id LIMIT 1", (chunk,)).fetchone()
+            if row is None:
+                break
+            (chunk,) = row
+            packed = self._fresh.pop(chunk, None) or self._read(chunk)
+            self._fresh_events -= len(packed.events) if packed.fresh else 0
+            done = (self._open.get(chunk) or self._opened(chunk, packed.inputs, packed.events, packed.fresh)).settled
+            for index, ((input_index, kind, rule, event_id, _), body) in enumerate(zip(packed.events, packed.bodies)):
+                if index not in done:
+                    spooled.append(Spooled(chunk, index, input_index, kind, rule, event_id, body))
+        return spooled
+
+    def _read(self, chunk: int) -> _Packed:
+        """A chunk row as committed (its events, bodies cut apart; not its raw lines)."""
+        inputs, events, bodies = self._db.execute(
+            "SELECT inputs, events, bodies FROM chunks WHERE id = ?", (chunk,)).fetchone()
+        meta = orjson.loads(events)
+        ends = itertools.accumulate(event[4] for event in meta)
+        starts = itertools.chain((0,), itertools.accumulate(event[4] for event in meta))
+        return _Packed(orjson.loads(inputs), meta, [bodies[start:end] for start, end in zip(starts, ends)], fresh=False)
 
     def settle(
         self, delivered: Sequence[Spooled], failed: Sequence[tuple[Spooled, dict[str, Any]]]
     ) -> int:
-        """Drop delivered events; keep why failed ones failed. Return the dead letters made.
+        """Settle delivered events and failed ones (kept with why they failed). Return the dead
+        letters made.
 
         ``failed`` pairs an event with its rejection (``rule``, ``path``, ``reason``, ...). An
         input whose events are all settled leaves the spool, with one ``deliver`` dead letter
-        listing its failed events, if any.
+        listing its failed events, if any. A touched chunk costs one small progress row (or its delete).
         """
         if not delivered and not failed:
             return 0
-        touched = orjson.dumps(sorted({s.input_id for s in (*delivered, *(f for f, _ in failed))}))
-        with self._transaction():
-            before = self._positions(touched) if self._on_settled else {}
-            self._db.execute(
-                "DELETE FROM pending WHERE seq IN (SELECT value FROM json_each(?))",
-                (orjson.dumps([s.seq for s in delivered]),),
-            )
-            self._db.executemany(
-                "UPDATE pending SET failure = ? WHERE seq = ?",
-                [(orjson.dumps(why), s.seq) for s, why in failed],
-            )
-            self._db.execute(
-                "DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))"
-                " AND NOT EXISTS (SELECT 1 FROM pending WHERE input_id = inputs.id)",
-                (touched,),
-            )
-            made = self._dead_letter_settled(touched)
-            left = [before[i] for i in before.keys() - self._positions(touched).keys()]
-        self.unsent -= len(delivered) + len(failed)
+        touched: dict[int, tuple[list[int], dict[int, bytes]]] = {}
+        for row in delivered:
+            touched.setdefault(row.chunk, ([], {}))[0].append(row.index)
+        for row, why in failed:
+            indexes, whys = touched.setdefault(row.chunk, ([], {}))
+            indexes.append(row.index)
+            whys[row.index] = orjson.dumps(why)
+        updated: dict[int, _Open] = {}
+        failures, finished, progress = [], [], []
+        completed: dict[int, list[int]] = {}
+        for chunk, (indexes, whys) in touched.items():
+            if (before := self._state(chunk)) is None:
+                continue  # settled before: its chunk has left the spool
+            state, completed[chunk] = _settled(before, indexes, whys)
+            updated[chunk] = state
+            failures += [(chunk, before.input_of[i], i, why) for i, why in whys.items() if i not in before.settled]
+            if state.unsent:
+                progress.append((chunk, orjson.dumps(sorted(state.settled)), state.unsent))
+            else:
+                finished.append(chunk)
+        left: list[Position] = []
+        made = 0
+        with self._transaction():  # a few statements per settlement, whatever the chunks touched
+            if failures:
+                self._db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?)", failures)
+            for chunk, done in completed.items():
+                state = updated[chunk]
+                made += self._dead_letter_settled(chunk, state, done)
+                left += [(state.inputs[i][0], state.inputs[i][1]) for i in done]
+            if progress:
+                self._db.executemany("INSERT OR REPLACE INTO progress VALUES (?, ?, ?)", progress)
+            if finished:
+                ids = orjson.dumps(finished)
+                self._db.execute("DELETE FROM chunks WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+                self._db.execute("DELETE FROM progress WHERE chunk IN (SELECT value FROM json_each(?))", (ids,))
+        for chunk, state in updated.items():
+            self.unsent -= self._open[chunk].unsent - state.unsent
+            if state.unsent:
+                self._open[chunk] = state
+            else:
+                del self._open[chunk]
         if left and self._on_settled:
             self._on_settled(left)
         return made
 
-    def _positions(self, ids: bytes) -> dict[int, tuple[str | None, int | None]]:
-        rows = self._db.execute(
-            "SELECT id, origin, line FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (ids,)
-        )
-        return {input_id: (origin, line) for input_id, origin, line in rows}
-
-    def _dead_letter_settled(self, touched: bytes) -> int:
-        """Keep, for each input whose events all failed, what its ``deliver`` dead letter needs (built
-        when exported: :func:`~engine.delivery.dead_letters.undelivered_input`), and drop the input."""
-        done = orjson.dumps([input_id for (input_id,) in self._db.execute(
-            "SELECT input_id FROM pending WHERE input_id IN (SELECT value FROM json_each(?))"
-            " GROUP BY input_id HAVING COUNT(failure) = COUNT(*)",
-            (touched,),
-        )])
-        if done == b"[]":
+    def _dead_letter_settled(self, chunk: int, state: _Open, done: list[int]) -> int:
+        """Keep, for each input of ``done`` with failed events, what its ``deliver`` dead letter needs
+        (built when exported: :func:`~engine.delivery.dead_letters.undelivered_input`)."""
+        dead = [i for i in done if i in state.failed]
+        if not dead:
             return 0
-        made = self._db.execute(
-            "INSERT INTO dead_letters (record) SELECT json_object('at', ?, 'stage', 'deliver', 'origin', origin,"
-            " 'line', line, 'raw', CAST(raw AS TEXT), 'failures', (SELECT json_group_array(json(why)) FROM"
-            " (SELECT CAST(failure AS TEXT) AS why FROM pending WHERE input_id = inputs.id ORDER BY seq)))"
-            " FROM inputs WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
-            (now(), done),
-        ).rowcount
-        self._db.execute("DELETE FROM pending WHERE input_id IN (SELECT value FROM json_each(?))", (done,))
-        self._db.execute("DELETE FROM inputs WHERE id IN (SELECT value FROM json_each(?))", (done,))
-        return made
+        (raws,) = self._db.execute("SELECT raws FROM chunks WHERE id = ?", (chunk,)).fetchone()
+        ends = list(itertools.accumulate(length for _, _, length in state.inputs))
+        at = now()
+        for input_index in dead:
+            origin, line, length = state.inputs[input_index]
+            raw = raws[ends[input_index] - length:ends[input_index]]
+            whys = [orjson.Fragment(why) for (why,) in self._db.execute(
+                "SELECT why FROM failures WHERE chunk = ? AND input = ? ORDER BY event", (chunk, input_index))]
+            record = {"at": at, "stage": "deliver", "origin": origin, "line": line,
+                      "raw": raw.decode("utf-8", "replace"), "failures": whys}
+            self._db.execute("INSERT INTO dead_letters (record) VALUES (?)", (orjson.dumps(record),))
+            self._db.execute("DELETE FROM failures WHERE chunk = ? AND input = ?", (chunk, input_index))
+        return len(dead)
+
+    def _state(self, chunk: int) -> _Open | None:
+        """What settling needs of chunk ``chunk`` (read from its row unless already in memory); None
+        when it is no longer in the spool."""
+        if (state := self._open.get(chunk)) is None:
+            row = self._db.execute("SELECT inputs, events FROM chunks WHERE id = ?", (chunk,)).fetchone()
+            if row is None:
+                return None
+            state = self._opened(chunk, orjson.loads(row[0]), orjson.loads(row[1]))
+        return state
+
+    def _opened(self, chunk: int, input_rows: list[Any], meta: Sequence[Sequence[Any]], fresh: bool = False) -> _Open:
+        """Keep in memory what settling needs of a chunk; ``fresh``: committed by this process, nothing of it
+        settled yet (no need to ask the file)."""
+        progress = None if fresh else self._db.execute("SELECT settled FROM progress WHERE chunk = ?", (chunk,)).fetchone()
+        done = set(orjson.loads(progress[0])) if progress else set()
+        input_of = [event[0] for event in meta]
+        left = [0] * len(input_rows)
+        for index, input_index in enumerate(input_of):
+            if index not in done:
+                left[input_index] += 1
+        failed = set() if fresh else {
+            i for (i,) in self._db.execute("SELECT DISTINCT input FROM failures WHERE chunk = ?", (chunk,))}
+        state = self._open[chunk] = _Open(input_rows, input_of, left, done, len(meta) - len(done), failed)
+        return state
 
     # -- dead letters ---------------------------------------------------------------------------
 
@@ -350,3 +443,80 @@ class Spool:
                 self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        """Convert a spool of the previous version (``inputs`` and ``pending``, one row per input and
+        per event) to chunks, in one transaction: its events keep their order, ids and failures."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pending'").fetchone():
+            return
+        with self._transaction():
+            inputs = self._db.execute(
+                "SELECT id, origin, line, raw FROM inputs WHERE id IN (SELECT input_id FROM pending) ORDER BY id"
+            ).fetchall()
+            events: dict[int, list[tuple[str, str, str, bytes, bytes | None]]] = {}
+            for input_id, kind, rule, event_id, body, failure in self._db.execute(
+                "SELECT input_id, kind, rule, event_id, body, failure FROM pending ORDER BY seq"
+            ):
+                events.setdefault(input_id, []).append((kind, rule, event_id, bytes(body), failure))
+            for start in range(0, len(inputs), _MIGRATED_INPUTS):
+                part = inputs[start:start + _MIGRATED_INPUTS]
+                olds = [events[input_id] for input_id, *_ in part]
+                _, columns = _pack([(Record(origin, line, bytes(raw)), [e[:4] for e in old])
+                                    for (_, origin, line, raw), old in zip(part, olds)])
+                failed = [(number, index, why) for index, (number, why) in enumerate(
+                    (number, e[4]) for number, old in enumerate(olds) for e in old) if why is not None]
+                chunk = self._db.execute(
+                    "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", columns
+                ).lastrowid
+                if failed:
+                    self._db.execute("INSERT INTO progress VALUES (?, ?, ?)",
+                                     (chunk, orjson.dumps([index for _, index, _ in failed]), columns[3] - len(failed)))
+                self._db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?)",
+                                     [(chunk, number, index, why) for number, index, why in failed])
+            self._db.execute("DROP TABLE pending")
+            self._db.execute("DROP TABLE inputs")
+
+
+class _Packed(NamedTuple):
+    """A chunk as stored: ``inputs`` ``[origin, line, length of raw]``, ``events`` ``[input index, kind,
+    rule, id, length of body]``, their ``bodies``; ``fresh``: packed here, not read back."""
+
+    inputs: list[Any]
+    events: list[Any]
+    bodies: list[bytes]
+    fresh: bool = True
+
+
+_Columns = tuple[bytes, bytes, bytes, int, bytes]
+"""A ``chunks`` row: inputs, events, bodies, count, raws."""
+
+
+def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> tuple[_Packed | None, _Columns]:
+    """``encoded`` (inputs with their events: kind, rule, id, body) packed as one chunk row (None when no
+    input emitted anything), and its columns."""
+    if not encoded:
+        return None, (b"", b"", b"", 0, b"")
+    inputs, raws, events, bodies = [], [], [], []
+    for number, (record, emitted) in enumerate(encoded):
+        inputs.append((record.origin, record.line, len(record.raw)))
+        raws.append(record.raw)
+        for kind, rule, event_id, body in emitted:
+            events.append((number, kind, rule, event_id, len(body)))
+            bodies.append(body)
+    columns = (orjson.dumps(inputs), orjson.dumps(events), b"".join(bodies), len(events), b"".join(raws))
+    return _Packed(inputs, events, bodies), columns
+
+
+def _settled(state: _Open, indexes: list[int], whys: dict[int, bytes]) -> tuple[_Open, list[int]]:
+    """``state`` with the events ``indexes`` settled (those in ``whys`` given up), as a copy: memory
+    changes only once the transaction is committed. Also the inputs this settled completely."""
+    new = set(indexes) - state.settled
+    left = list(state.left)
+    done = []
+    for index in new:
+        input_index = state.input_of[index]
+        left[input_index] -= 1
+        if not left[input_index]:
+            done.append(input_index)
+    failed = state.failed | {state.input_of[index] for index in whys if index in new}
+    return _Open(state.inputs, state.input_of, left, state.settled | new, state.unsent - len(new), failed), sorted(done)
