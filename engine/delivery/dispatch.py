@@ -6,9 +6,8 @@ are handed to it with :meth:`Dispatcher.offer` (from the pipeline's thread, see
 :func:`engine.delivery.pipeline.deliver`) and committed by its loop, a few at most ahead of delivery. Events are packed by
 :class:`~engine.topsort.batching.Batcher` (up to 50 per array, kinds mixed); a batch leaves when an array is
 full or its oldest event has waited ``max_latency`` seconds. Up to ``max_in_flight`` requests run
-at once, in worker threads sharing one httpx transport: by default
-:class:`~engine.delivery.transport.PerThreadTransport` (``http.client``, one keep-alive connection per
-thread: a third of httpcore's CPU per request), or httpx's own when the environment names a proxy.
+at once, in worker threads sharing one httpx transport with a keep-alive connection for each
+(:func:`~engine.delivery.transport.default_transport`, through the environment's proxy if it names one).
 
 * 2xx: the batch is delivered.
 * network errors, timeouts, 408, 429, 5xx: retried as :class:`~engine.delivery.retry.RetryPolicy` says;
@@ -242,7 +241,7 @@ class Dispatcher:
             if self._state is State.READY:
                 self._state = State.RUNNING
         with (
-            self._transport or default_transport(self.url, self._timeout, self._max_in_flight) as transport,
+            self._transport or default_transport(self.url, self._max_in_flight) as transport,
             ThreadPoolExecutor(self._max_in_flight, thread_name_prefix="segment-topsort-post") as pool,
         ):
             try:
