@@ -22,6 +22,8 @@ if any of its events failed. Costs go per chunk and per settlement, not per even
 given up has a row of its own.
 
 A spool written by the previous version (one row per input and per event) is converted when opened.
+
+One cohesive thing (the spool's tables and every transaction on them), hence over 350 lines.
 """
 
 from __future__ import annotations
