@@ -83,19 +83,19 @@ def summarize(mapped: Iterable[tuple[Record, Mapped]], outcome_lines: bool = Fal
     bodies: list[bytes] = []
     dead_letters: list[bytes] = []
     lines: list[bytes] = []
+    codes = KIND_CODES
     for record, one in mapped:
         verdicts[one.verdict] += 1
-        for rejection in one.rejected:
-            reasons[rejection.summary_key()] += 1
-        if one.dead_letter is not None:
-            dead_letters.append(one.dead_letter)
-        kinds += bytes([KIND_CODES[event.kind] for event in one.events])
+        if one.rejected:
+            reasons.update([rejection.summary_key() for rejection in one.rejected])
+            if one.dead_letter is not None:
+                dead_letters.append(one.dead_letter)
+        for event in one.events:
+            kinds.append(codes[event.kind])
+            bodies.append(event.body)
         if outcome_lines:
-            lines.append(orjson.dumps(outcome_line(record, one)))
-        else:
-            bodies += [event.body for event in one.events]
-    return MappedSlice(verdicts, reasons, bytes(kinds), bodies, dead_letters,
-                       b"".join(line + b"\n" for line in lines))
+            lines.append(orjson.dumps(outcome_line(record, one)) + b"\n")
+    return MappedSlice(verdicts, reasons, bytes(kinds), [] if outcome_lines else bodies, dead_letters, b"".join(lines))
 
 
 def outcome_line(record: Record, mapped: Mapped) -> dict[str, Any]:

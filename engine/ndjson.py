@@ -28,18 +28,14 @@ class LineBlock(NamedTuple):
 
 
 def block_records(block: LineBlock) -> Iterator[Record]:
-    """The records of a block's lines, as :func:`line_records` and :func:`too_long` make them."""
+    """The records of a block's lines, decoded, as :func:`line_records` and :func:`too_long` make them."""
     origin, limit = block.origin, block.max_line_bytes
     for line, raw in enumerate(block.data.split(b"\n"), start=block.line):
         if len(raw) > limit:
             yield too_long(origin, line, raw, limit)
             continue
         raw = raw.strip()
-        if not raw:
-            continue
-        if undecoded(raw):
-            yield Record(origin, line, raw)
-        else:
+        if raw:  # decoded here, where it is mapped: no need to look for a batch without decoding
             yield from line_records(origin, line, raw)
 
 

@@ -156,6 +156,14 @@ class PoolMapper:
         kills a worker a second time is answered by ``alone`` (one record at a time)."""
         pending: deque[tuple[_Part, Future[_Answer]]] = deque()
 
+        def sent(part: _Part) -> Future[_Answer]:
+            try:
+                return send(part)
+            except BrokenProcessPool as exc:  # a worker died since the last answer: that part's answer
+                failed: Future[_Answer] = Future()
+                failed.set_exception(exc)
+                return failed
+
         def collect() -> tuple[_Part, _Answer]:
             part, future = pending.popleft()
             try:
@@ -168,11 +176,11 @@ class PoolMapper:
                     self._restart()
                     answer = alone(part)
                 for index, (other, _) in enumerate(pending):
-                    pending[index] = (other, send(other))
+                    pending[index] = (other, sent(other))
                 return part, answer
 
         for part in parts:
-            pending.append((part, send(part)))
+            pending.append((part, sent(part)))
             if len(pending) > 2 * self.workers:
                 yield collect()
         while pending:

@@ -23,6 +23,7 @@ from .options import (
 from ..delivery.dead_letters import DeadLetterFile
 from ..engine import Engine
 from ..errors import InputError, Problem, RulesInvalid
+from ..mapping import MappedSlice
 from ..outcome import KINDS
 from ..workers import make_mapper
 from ..reports.explain import RuleExplanation, explain
@@ -131,31 +132,48 @@ def map_command(
         raise click.UsageError(str(exc)) from None
     engine = _engine(rule_dirs)
     tally = Tally()
-    out = sys.stdout.buffer
-    requests = 0
-    batcher: Batcher[bytes] = Batcher()
     mapper = make_mapper(engine, workers)
     units = read_blocks(sources, limits_from(limits), on_fault=partial(report_fault, stderr, tally))
     with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance, \
             closing(mapper):
+        output = _MapOutput(sys.stdout.buffer, tally, dead)
         for mapped in mapper.summaries(units, outcome_lines=output_format == "outcomes"):
-            tally.add_slice(mapped)
+            output.add(mapped)
             advance(sum(mapped.verdicts.values()))
-            if dead is not None:
-                for letter in mapped.dead_letters:
-                    dead.write_encoded(letter)
-            _write(out, mapped.outcome_lines)
-            for code, body in zip(mapped.kinds, mapped.bodies):
-                if batch := batcher.add(KINDS[code], body):
-                    requests += _write(out, encoded_body(batch) + b"\n")
-        if (batch := batcher.flush()) is not None:
-            requests += _write(out, encoded_body(batch) + b"\n")
+        requests = output.finish()
     extra = {"requests written": requests} if output_format == "requests" else {}
     if rejects:
         extra["rejected events kept"] = dead.written if dead else 0
     stderr.print(tally.table("map", extra))
     if tally.faults:
         sys.exit(EXIT_INPUT_SKIPPED)
+
+
+class _MapOutput:
+    """Where ``map`` puts what each slice became: the tally, the dead letters, and its output
+    (``--format outcomes`` lines as they come, or Topsort request bodies as the batcher fills them)."""
+
+    def __init__(self, out: BinaryIO, tally: Tally, dead: DeadLetterFile | None) -> None:
+        self._out, self._tally, self._dead = out, tally, dead
+        self._batcher: Batcher[bytes] = Batcher()
+        self.requests = 0
+
+    def add(self, mapped: MappedSlice) -> None:
+        self._tally.add_slice(mapped)
+        if self._dead is not None:
+            for letter in mapped.dead_letters:
+                self._dead.write_encoded(letter)
+        _write(self._out, mapped.outcome_lines)
+        add = self._batcher.add
+        for code, body in zip(mapped.kinds, mapped.bodies):
+            if batch := add(KINDS[code], body):
+                self.requests += _write(self._out, encoded_body(batch) + b"\n")
+
+    def finish(self) -> int:
+        """Write the last request body; the request bodies written."""
+        if (batch := self._batcher.flush()) is not None:
+            self.requests += _write(self._out, encoded_body(batch) + b"\n")
+        return self.requests
 
 
 @main.command("explain")

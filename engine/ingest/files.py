@@ -97,7 +97,7 @@ def read_blocks(
                 if (document := _document_records(name, reader, b"", None)) is not None:
                     yield from (record for record, _ in document)
                 else:
-                    yield from reader.blocks(at)
+                    yield from reader.blocks(at, BLOCK)
         except OSError as exc:
             _fault(name, exc, at, on_fault)
 
@@ -312,7 +312,7 @@ class _Lines:
             if self.offset >= self._next_check:
                 self._check_ratio()
 
-    def blocks(self, at: _Cursor, size: int = BLOCK) -> Iterator[LineBlock | Record]:
+    def blocks(self, at: _Cursor, size: int) -> Iterator[LineBlock | Record]:
         """The rest of a plain stream as blocks of whole lines (the last one perhaps without its
         newline); a line longer than the limit that no block could hold whole comes as its
         record (:func:`~engine.ndjson.too_long`), the rest of it skipped. ``at.line`` counts the
