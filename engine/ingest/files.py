@@ -15,6 +15,7 @@ import errno
 import glob
 import gzip
 import os
+import stat
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
@@ -138,10 +139,13 @@ def read_source(
 
 
 def uncompressed_size(name: str) -> int | None:
-    """The bytes a plain file holds (for progress), or None for stdin, gzipped and unreadable files."""
+    """The bytes a plain file holds (for progress), or None for stdin, gzipped and unreadable files, and
+    anything but a regular file (a pipe's first bytes are not read here)."""
     if name == STDIN:
         return None
     try:
+        if not stat.S_ISREG(os.stat(name).st_mode):
+            return None
         with open(name, "rb") as stream:
             return None if stream.read(2) == _GZIP_MAGIC else Path(name).stat().st_size
     except OSError:
