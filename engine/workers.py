@@ -61,6 +61,11 @@ _Part = TypeVar("_Part")
 _Answer = TypeVar("_Answer")
 """Makes a named tuple from a tuple of its values, without the Python-level ``__new__``."""
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+"""glibc's ``mallopt`` parameters."""
+_LARGE = 4 << 20
+"""Allocations up to this size come from the heap, and freed memory up to 4 times it stays for reuse."""
+
 _worker_mapper: InProcessMapper | None = None
 """The engine of this worker process (set once, when it starts)."""
 
@@ -76,6 +81,7 @@ def make_mapper(engine: Engine, workers: int | None = None, *, start: bool = Fal
     With ``start`` the worker processes are forked now: a front-end that starts threads of its own
     (delivery, HTTP) forks before them, so no worker inherits a lock another thread held.
     """
+    _reuse_large_buffers()
     workers = usable_cores() if workers is None else workers
     if workers <= 1:
         return InProcessMapper(engine)
@@ -83,6 +89,20 @@ def make_mapper(engine: Engine, workers: int | None = None, *, start: bool = Fal
     if start:
         mapper.start()
     return mapper
+
+
+def _reuse_large_buffers() -> None:
+    """Have glibc's allocator keep freed buffers of a few MiB (blocks of input, pickles, pipe reads)
+    for the next one, rather than unmapping each and faulting fresh pages in for the next: that
+    cost a worker ≈ 2 µs per event in page faults. Elsewhere than glibc, nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library to open by name, or not glibc
+        return
+    mallopt(_M_MMAP_THRESHOLD, _LARGE)
+    mallopt(_M_TRIM_THRESHOLD, 4 * _LARGE)
 
 
 class PoolMapper:
