@@ -57,9 +57,9 @@ _MappedWire = tuple["str | None", str, tuple[tuple, ...], tuple[tuple, ...], "by
 """A :class:`Mapped` as it crosses back: the same values in plain tuples, which pickle and unpickle
 several times faster than named tuples."""
 _tuple = tuple.__new__
+"""Makes a named tuple from a tuple of its values, without the Python-level ``__new__``."""
 _Part = TypeVar("_Part")
 _Answer = TypeVar("_Answer")
-"""Makes a named tuple from a tuple of its values, without the Python-level ``__new__``."""
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 """glibc's ``mallopt`` parameters."""
