@@ -171,6 +171,7 @@ def test_blocks_of_lines_give_the_records_lines_give(tmp_path: Path, block: int,
     lines[3:3] = [b"", b"  \t", b"{not json", b"null", b"[" * 200 + b"]" * 200]
     lines[20:20] = [b'{"batch": [' + lines[0] + b"," + lines[1] + b"]}", b'{"\\u0062atch": [' + lines[2] + b"]}"]
     lines[50:50] = [b'{"type":"track","messageId":"long","n":"' + b"y" * 5000 + b'"}', b" " * 2500]
+    lines[150:150] = [b""] * 3000 + [b"  "] * 5  # a long run of blank lines: the gzip reader skips it at once
     plain = tmp_path / "plain.ndjson"
     plain.write_bytes(b"\r\n".join(lines[:100]) + b"\n" + b"\n".join(lines[100:]))  # no newline at the end
     zipped = tmp_path / "zipped.ndjson.gz"

@@ -48,6 +48,8 @@ _SKIP_CHUNK = MiB
 """Bytes read at a time while skipping the rest of an over-long line."""
 BLOCK = MiB
 """Bytes of NDJSON read at a time by :func:`read_blocks` (a few hundred events)."""
+_BLANK_RUN = 1024
+"""Blank lines in a row kept in a block as newlines; a longer run ends it."""
 
 
 def expand_sources(names: Iterable[str | Path]) -> list[str]:
@@ -81,25 +83,32 @@ def read_records(
 def read_blocks(
     sources: Iterable[str | Path], limits: InputLimits = DEFAULT_LIMITS, on_fault: OnFault | None = None,
 ) -> Iterator[Record | LineBlock]:
-    """What :func:`read_records` reads with ``decoded=False``, with the lines of a plain NDJSON file (or
-    stdin) handed over as :class:`~engine.ndjson.LineBlock` values of about ``BLOCK`` bytes each, cut at
-    a newline, for the map stage to split (:func:`~engine.ndjson.block_records`): the same records, at
-    a fraction of the cost here. Gzipped files and JSON documents come record by record."""
+    """What :func:`read_records` reads with ``decoded=False``, with the lines of NDJSON handed over in
+    :class:`~engine.ndjson.LineBlock` values of about ``BLOCK`` bytes, for the map stage to split
+    (:func:`~engine.ndjson.block_records`): the same records, at a fraction of the cost here. A plain
+    file (or stdin) is read a block at a time, cut at a newline; a gzipped one line by line, as
+    :func:`read_source` reads it (its expansion checked as it goes), its lines joined. JSON documents,
+    and a source that is no regular file (a pipe, a folder), come record by record."""
     for name in expand_sources(sources):
-        if name != STDIN and uncompressed_size(name) is None:  # gzipped, a folder, or unreadable
+        if name != STDIN and not _regular(name):
             for record, _ in read_source(name, limits=limits, on_fault=on_fault, decoded=False):
                 yield record
             continue
         at = _Cursor()
         try:
-            with nullcontext(sys.stdin.buffer) if name == STDIN else open(name, "rb") as stream:
+            with nullcontext((sys.stdin.buffer, None)) if name == STDIN else _open(name) as (stream, compressed):
+                if name != STDIN:
+                    stream.read(_HEAD)  # as read_source does: a source whose start cannot be read never opened
+                    stream.seek(0)
                 at.opened = True
-                reader = _Lines(stream, limits, None, name)
+                reader = _Lines(stream, limits, compressed, name)
                 if (document := _document_records(name, reader, b"", None)) is not None:
                     yield from (record for record, _ in document)
-                else:
+                elif compressed is None:
                     yield from reader.blocks(at, BLOCK)
-        except OSError as exc:
+                else:
+                    yield from reader.joined(at, BLOCK)
+        except (OSError, EOFError, zlib.error, SourceRefused) as exc:
             _fault(name, exc, at, on_fault)
 
 
@@ -138,14 +147,19 @@ def read_source(
         _fault(name, exc, at, on_fault)
 
 
+def _regular(name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name).st_mode)
+    except OSError:
+        return False
+
+
 def uncompressed_size(name: str) -> int | None:
     """The bytes a plain file holds (for progress), or None for stdin, gzipped and unreadable files, and
     anything but a regular file (a pipe's first bytes are not read here)."""
-    if name == STDIN:
+    if name == STDIN or not _regular(name):
         return None
     try:
-        if not stat.S_ISREG(os.stat(name).st_mode):
-            return None
         with open(name, "rb") as stream:
             return None if stream.read(2) == _GZIP_MAGIC else Path(name).stat().st_size
     except OSError:
@@ -339,6 +353,37 @@ class _Lines:
                 at.line += 1
                 yield too_long(self._origin, at.line, pending, self.max_line_bytes)
                 pending = self._after_newline(size)
+
+    def joined(self, at: _Cursor, size: int) -> Iterator[LineBlock | Record]:
+        """The rest of the stream read line by line (as :meth:`__iter__` reads it: the gzip ratio
+        checked as it goes), the lines joined into blocks of about ``size`` bytes; an over-long line
+        comes as its record. The lines read before a fault are handed out before it is raised."""
+        parts: list[bytes] = []
+        length, first = 0, at.line + 1
+        try:
+            for line, newlines, over in self:
+                if parts and (over or length >= size):
+                    yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
+                    parts, length = [], 0
+                if not parts:
+                    first = at.line + 1
+                at.line += newlines
+                if over:
+                    yield too_long(self._origin, at.line, line, self.max_line_bytes)
+                    continue
+                if not line and newlines > _BLANK_RUN:  # a long run of blank lines: the next block starts after it
+                    if parts:
+                        yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
+                        parts, length = [], 0
+                    continue
+                parts.append(line or b"\n" * newlines)  # a short run of blank lines keeps its count
+                length += len(line) or newlines
+        except (OSError, EOFError, zlib.error, SourceRefused):
+            if parts:
+                yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
+            raise
+        if parts:
+            yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
 
     def _after_newline(self, size: int) -> bytes:
         """Skip to the end of the line being read; what follows it in the last chunk read."""
