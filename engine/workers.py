@@ -53,6 +53,11 @@ lines, their origins, and for the few a source decoded or refused, by position: 
 ``raw`` is the event's encoding, e.g. one event of a batch body) or why it could not be decoded. One
 bytes object per slice, not one per record, keeps the crossing to a copy."""
 
+_Piece = LineBlock | _Wire
+"""A piece of a part sent to a worker for ``map``: a block of lines as read, or records on the wire."""
+_PART_BYTES = 512 << 10
+"""Input bytes of a part for ``map``: one block of a large file; the blocks of several small ones."""
+
 _MappedWire = tuple["str | None", str, tuple[tuple, ...], tuple[tuple, ...], "bytes | None"]
 """A :class:`Mapped` as it crosses back: the same values in plain tuples, which pickle and unpickle
 several times faster than named tuples."""
@@ -152,11 +157,11 @@ class PoolMapper:
             yield from self._local.summaries(first, outcome_lines)
             return
 
-        def send(part: LineBlock | list[Record]) -> Future[MappedSlice]:
-            return self._submit(_summarize_part, part if isinstance(part, LineBlock) else _to_wire(part), outcome_lines)
+        def send(part: list[_Piece]) -> Future[MappedSlice]:
+            return self._submit(_summarize_part, part, outcome_lines)
 
-        def alone(part: LineBlock | list[Record]) -> MappedSlice:
-            records = list(block_records(part)) if isinstance(part, LineBlock) else part
+        def alone(part: list[_Piece]) -> MappedSlice:
+            records = list(_piece_records(part))
             return summarize(zip(records, _from_wire([self._map_alone(record) for record in records])), outcome_lines)
 
         for _, summary in self._pooled(_parts(chain(first, source), self._slice), send, alone):
@@ -267,22 +272,38 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _parts(units: Iterator[Record | LineBlock], size: int) -> Iterator[LineBlock | list[Record]]:
-    """Blocks of lines as they are, records in runs of up to ``size``: what goes to a worker at once."""
+def _parts(units: Iterator[Record | LineBlock], size: int) -> Iterator[list[_Piece]]:
+    """What goes to a worker at once: blocks of lines as they are and runs of records on the wire,
+    together at least ``_PART_BYTES`` or ``size`` records (so the blocks of many small files share one)."""
+    part: list[_Piece] = []
     records: list[Record] = []
+    weight = count = 0
     for unit in units:
         if isinstance(unit, LineBlock):
             if records:
-                yield records
+                part.append(_to_wire(records))
                 records = []
-            yield unit
+            part.append(unit)
+            weight += len(unit.data)
         else:
             records.append(unit)
-            if len(records) == size:
-                yield records
+            weight += len(unit.raw)
+            count += 1
+        if weight >= _PART_BYTES or count >= size:
+            if records:
+                part.append(_to_wire(records))
                 records = []
+            yield part
+            part, weight, count = [], 0, 0
     if records:
-        yield records
+        part.append(_to_wire(records))
+    if part:
+        yield part
+
+
+def _piece_records(part: list[_Piece]) -> Iterator[Record]:
+    for piece in part:
+        yield from block_records(piece) if isinstance(piece, LineBlock) else _wire_records(piece)
 
 
 def _wire_records(wire: _Wire) -> Iterator[Record]:
@@ -302,10 +323,9 @@ def _map_slice(wire: _Wire) -> list[_MappedWire]:
     return [_to_mapped_wire(_worker_mapper.map_one(record)) for record in _wire_records(wire)]
 
 
-def _summarize_part(part: LineBlock | _Wire, outcome_lines: bool) -> MappedSlice:
+def _summarize_part(part: list[_Piece], outcome_lines: bool) -> MappedSlice:
     assert _worker_mapper is not None
-    records = block_records(part) if isinstance(part, LineBlock) else _wire_records(part)
-    return summarize(((record, _worker_mapper.map_one(record)) for record in records), outcome_lines)
+    return summarize(((record, _worker_mapper.map_one(record)) for record in _piece_records(part)), outcome_lines)
 
 
 def _to_mapped_wire(one: Mapped) -> _MappedWire:
