@@ -43,7 +43,9 @@ from engine.limits import too_deep  # noqa: E402
 from engine.mapping import InProcessMapper  # noqa: E402
 from engine.record import decode  # noqa: E402
 from engine.reports.summary import Tally  # noqa: E402
-from engine.workers import SLICE, _from_wire, _map_slice, _start_worker, _summarize_part, _to_wire  # noqa: E402
+from engine.workers import (  # noqa: E402
+    SLICE, _from_wire, _map_slice, _parts, _start_worker, _summarize_part, _to_wire,
+)
 
 _MEASURED = (
     "import json, os, resource, sys\n"
@@ -173,7 +175,8 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     part = folder / "stages.ndjson"
     part.write_bytes(b"".join(r.raw + b"\n" for r in records))
     blocks = stage("map: read blocks of lines", "parent", lambda: list(read_blocks([part])))
-    sent = stage("map: blocks to workers (pickle)", "parent", lambda: [pickle.dumps(b) for b in blocks])
+    sent = stage("map: blocks to workers (pickle)", "parent", lambda: [
+        pickle.dumps(part) for part in _parts(iter(blocks), SLICE)])
     answers = stage("map: split, decode, map, sum up, answer", "worker", lambda: [
         pickle.dumps(_summarize_part(pickle.loads(s), False)) for s in sent])
     summaries = stage("map: summaries back (unpickle)", "parent", lambda: [pickle.loads(a) for a in answers])
