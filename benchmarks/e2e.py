@@ -39,12 +39,15 @@ from engine import Engine  # noqa: E402
 from engine.delivery.dead_letters import rejected_input  # noqa: E402
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
 from engine.delivery.spool import Chunk, Spool  # noqa: E402
-from engine.ingest.files import read_records  # noqa: E402
+from engine.cli.main import _MapOutput  # noqa: E402
+from engine.ingest.files import read_blocks, read_records  # noqa: E402
 from engine.limits import too_deep  # noqa: E402
 from engine.mapping import InProcessMapper  # noqa: E402
 from engine.record import decode  # noqa: E402
-from engine.topsort.batching import Batcher  # noqa: E402
-from engine.workers import SLICE, _from_wire, _map_slice, _start_worker, _to_wire  # noqa: E402
+from engine.reports.summary import Tally  # noqa: E402
+from engine.workers import (  # noqa: E402
+    SLICE, _from_wire, _map_slice, _parts, _start_worker, _summarize_part, _to_wire,
+)
 
 _MEASURED = (
     "import json, os, resource, sys\n"
@@ -158,7 +161,7 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
         gc.enable()
         return result
 
-    records = stage("read lines (undecoded)", "parent", lambda: list(_first(read_records([corpus], decoded=False), count)))
+    records = stage("run: read lines (undecoded)", "parent", lambda: list(_first(read_records([corpus], decoded=False), count)))
     stage("decode: JSON", "worker", lambda: [orjson.loads(r.raw) for r in records])
     stage("decode: depth check", "worker", lambda: [too_deep(r.raw) for r in records])
     decoded = [decode(r) for r in records]
@@ -167,11 +170,19 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
         ([orjson.dumps(e.event) for e in o.emitted], o.rejected and orjson.dumps(rejected_input(r, o)))
         for r, o in zip(decoded, outcomes)])
     slices = [records[i:i + SLICE] for i in range(0, len(records), SLICE)]
-    sent = stage("slices to workers (pickle)", "parent", lambda: [pickle.dumps(_to_wire(s)) for s in slices])
-    answers = stage("slices in, map, answers out", "worker", lambda: [
+    sent = stage("run: slices to workers (pickle)", "parent", lambda: [pickle.dumps(_to_wire(s)) for s in slices])
+    answers = stage("run: slices in, map, answers out", "worker", lambda: [
         pickle.dumps(_map_slice(pickle.loads(s))) for s in sent])
-    mapped = stage("answers back (unpickle)", "parent", lambda: [m for a in answers for m in _from_wire(pickle.loads(a))])
-    stage("map output: batch, write", "parent", lambda: _map_output(mapped))
+    stage("run: answers back (unpickle)", "parent", lambda: [m for a in answers for m in _from_wire(pickle.loads(a))])
+    part = folder / "stages.ndjson"
+    part.write_bytes(b"".join(r.raw + b"\n" for r in records))
+    blocks = stage("map: read blocks of lines", "parent", lambda: list(read_blocks([part])))
+    sent = stage("map: blocks to workers (pickle)", "parent", lambda: [
+        pickle.dumps(part) for part in _parts(iter(blocks), SLICE)])
+    answers = stage("map: split, decode, map, sum up, answer", "worker", lambda: [
+        pickle.dumps(_summarize_part(pickle.loads(s), False)) for s in sent])
+    summaries = stage("map: summaries back (unpickle)", "parent", lambda: [pickle.loads(a) for a in answers])
+    stage("map: tally, batch, write (per slice)", "parent", lambda: _map_output(summaries))
     spool_path = folder / "stages.spool"
     with Spool(spool_path) as spool:
         stage("spool commit (per slice)", "parent", lambda: _spool(spool, records, mapped))
@@ -201,14 +212,13 @@ def _first(records: Any, count: int) -> Any:
         yield record
 
 
-def _map_output(mapped: list) -> int:
-    batcher: Batcher[orjson.Fragment] = Batcher()
-    written = 0
-    for one in mapped:
-        for event in one.events:
-            if body := batcher.add(event.kind, orjson.Fragment(event.body)):
-                written += len(orjson.dumps(body))
-    return written
+def _map_output(summaries: list) -> int:
+    """What ``map`` does with the summaries of its slices, its output to /dev/null."""
+    with open(os.devnull, "wb") as out:
+        output = _MapOutput(out, Tally(), None)
+        for summary in summaries:
+            output.add(summary)
+        return output.finish()
 
 
 def _spool(spool: Spool, records: list, mapped: list) -> None:

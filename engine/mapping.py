@@ -7,6 +7,13 @@ the dead letters, ``map``'s output) reads only ``Mapped`` values, so the same st
 (:class:`InProcessMapper`) or in worker processes that send nothing but these bytes back
 (:class:`engine.workers.PoolMapper`).
 
+For ``map``, which needs no per-event values, only what a slice adds up to, a mapper also gives
+:meth:`Mapper.summaries`: one :class:`MappedSlice` per slice of input (records, or
+:class:`~engine.ndjson.LineBlock` values: whole lines, split where mapping runs), holding the
+slice's counts, its dead letters, and its Topsort events as a kind code and a body each (or its
+``--format outcomes`` lines), so the process writing the output does a few operations per slice
+rather than per event.
+
 Records may come *undecoded* (raw bytes only, see :class:`~engine.record.Record`): the mapper
 decodes them, so decoding runs where mapping does. Sources that expand batch bodies
 (``{"batch": [...]}``, one line, many events) do so themselves and hand over one record per event.
@@ -14,14 +21,22 @@ decodes them, so decoding runs where mapping does. Sources that expand batch bod
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple, Protocol
+from itertools import chain, islice
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
 from .engine import Engine
-from .outcome import Emitted, Kind, Rejection, rejected_input
+from .ndjson import LineBlock, block_records
+from .outcome import KINDS, Emitted, Kind, Rejection, rejected_input
 from .record import Record, decode
+
+KIND_CODES: dict[str, int] = {kind: code for code, kind in enumerate(KINDS)}
+"""A Topsort event kind as one byte of :attr:`MappedSlice.kinds`: its place in ``KINDS``."""
+SUMMARY_SLICE = 512
+"""Records summed up at once by :meth:`InProcessMapper.summaries`."""
 
 
 class MappedEvent(NamedTuple):
@@ -49,6 +64,61 @@ def encode_events(emitted: Iterable[Emitted]) -> tuple[MappedEvent, ...]:
     return tuple(MappedEvent(e.kind, e.rule, str(e.event["id"]), orjson.dumps(e.event)) for e in emitted)
 
 
+class MappedSlice(NamedTuple):
+    """What a slice of input became, summed up as ``map`` needs it (see :func:`summarize`)."""
+
+    verdicts: Counter[str]
+    reasons: Counter[tuple[str, str]]
+    """Rejections by :meth:`~engine.outcome.Rejection.summary_key`, in the order first met."""
+    kinds: bytes
+    """The kind of each Topsort event made, in order, as its :data:`KIND_CODES` byte."""
+    bodies: list[bytes]
+    """The encoding of each Topsort event made, in order (empty with ``outcome_lines``)."""
+    dead_letters: list[bytes]
+    outcome_lines: bytes
+    """``map --format outcomes``' lines of the slice's events, each ending in a newline (when asked)."""
+
+
+def summarize(mapped: Iterable[tuple[Record, Mapped]], outcome_lines: bool = False) -> MappedSlice:
+    """Sum up what the records of a slice became; with ``outcome_lines``, their outcome lines
+    (:func:`outcome_line`) instead of the events' bodies."""
+    verdicts: Counter[str] = Counter()
+    reasons: Counter[tuple[str, str]] = Counter()
+    kinds = bytearray()
+    bodies: list[bytes] = []
+    dead_letters: list[bytes] = []
+    lines: list[bytes] = []
+    codes = KIND_CODES
+    for record, one in mapped:
+        verdicts[one.verdict] += 1
+        if one.rejected:
+            reasons.update([rejection.summary_key() for rejection in one.rejected])
+            if one.dead_letter is not None:
+                dead_letters.append(one.dead_letter)
+        for event in one.events:
+            kinds.append(codes[event.kind])
+            bodies.append(event.body)
+        if outcome_lines:
+            lines.append(orjson.dumps(outcome_line(record, one)) + b"\n")
+    return MappedSlice(verdicts, reasons, bytes(kinds), [] if outcome_lines else bodies, dead_letters, b"".join(lines))
+
+
+def outcome_line(record: Record, mapped: Mapped) -> dict[str, Any]:
+    """``map --format outcomes``' line of one input event."""
+    emitted = [{"kind": e.kind, "rule": e.rule, "event": orjson.Fragment(e.body)} for e in mapped.events]
+    return {"origin": record.origin, "line": record.line, "messageId": mapped.message_id, "emitted": emitted,
+            "rejected": [r.to_dict() for r in mapped.rejected], "skipped": not emitted and not mapped.rejected}
+
+
+def unit_records(units: Iterable[Record | LineBlock]) -> Iterator[Record]:
+    """The records of a stream of records and blocks of lines, in order."""
+    for unit in units:
+        if isinstance(unit, LineBlock):
+            yield from block_records(unit)
+        else:
+            yield unit
+
+
 class Mapper(Protocol):
     """Maps slices of input; ``map`` returns one :class:`Mapped` per record, in order."""
 
@@ -56,6 +126,10 @@ class Mapper(Protocol):
 
     def stream(self, records: Iterable[Record]) -> Iterator[tuple[Record, Mapped]]:
         """Each record of an unbounded stream with what it became, in order, mapping ahead."""
+        ...
+
+    def summaries(self, units: Iterable[Record | LineBlock], outcome_lines: bool = False) -> Iterator[MappedSlice]:
+        """What a stream of records and blocks of lines became, a slice at a time, in order (:func:`summarize`)."""
         ...
 
     def close(self) -> None: ...
@@ -73,6 +147,12 @@ class InProcessMapper:
     def stream(self, records: Iterable[Record]) -> Iterator[tuple[Record, Mapped]]:
         for record in records:
             yield record, self.map_one(record)
+
+    def summaries(self, units: Iterable[Record | LineBlock], outcome_lines: bool = False) -> Iterator[MappedSlice]:
+        records = unit_records(units)
+        while (first := next(records, None)) is not None:
+            part = chain([first], islice(records, SUMMARY_SLICE - 1))
+            yield summarize(((record, self.map_one(record)) for record in part), outcome_lines)
 
     def close(self) -> None:
         """Nothing to release in this process."""

@@ -46,6 +46,14 @@ class Rejection(NamedTuple):
     id: str | None = None
     err_code: str | None = None
 
+    def summary_key(self) -> tuple[str, str]:
+        """How a summary counts it: its rule (``(input)`` for an input's own problem) and "path reason",
+        without the event's origin and line, so that like rejections count together."""
+        parts = self.reason.split(": ")
+        # an input's own problem reads "origin:line: what: detail"; a rule's "…: why"
+        reason = parts[-1] if self.rule is not None else parts[min(1, len(parts) - 1)]
+        return self.rule or "(input)", f"{self.path} {reason}"
+
     def to_dict(self) -> dict[str, Any]:
         found: dict[str, Any] = {"rule": self.rule, "path": self.path, "reason": self.reason, "item": self.item}
         if self.kind is not None:  # refused at delivery

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.ingest.files import InputError, expand_sources, read_records, read_source
+from engine.ingest.files import InputError, expand_sources, read_blocks, read_records, read_source
 
 from .conftest import ndjson, run_cli
 
@@ -144,3 +144,54 @@ def test_a_broken_first_line_on_stdin_is_rejected_alone() -> None:
     assert result.returncode == 0, result.stderr.decode()
     assert [(l["line"], bool(l["rejected"]), bool(l["emitted"])) for l in ndjson(result.stdout)] == [
         (1, True, False), (2, False, True)]
+
+
+def _blocks_and_records(sources: list[Path], **limits: Any) -> tuple[list, list]:
+    """The records of ``read_blocks`` (blocks split as the map stage splits them) and of ``read_records``,
+    decoded as the map stage decodes them, each with the faults reported."""
+    from engine.limits import InputLimits
+    from engine.mapping import unit_records
+    from engine.record import decode
+
+    found = []
+    for read in (lambda fault: unit_records(read_blocks(sources, InputLimits(**limits), on_fault=fault)),
+                 lambda fault: read_records(sources, InputLimits(**limits), on_fault=fault)):
+        faults: list = []
+        found.append(([decode(record) for record in read(faults.append)], faults))
+    return found[0], found[1]
+
+
+@pytest.mark.parametrize("block", [64, 3000, 1 << 20])
+def test_blocks_of_lines_give_the_records_lines_give(tmp_path: Path, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.ingest import files
+
+    monkeypatch.setattr(files, "BLOCK", block)  # blocks cut inside lines, at lines, around many lines
+    event = b'{"type":"track","event":"Product Clicked","messageId":"m-%d","properties":{"n":"%s"}}'
+    lines = [event % (number, b"x" * (number * 37 % 1500)) for number in range(200)]
+    lines[3:3] = [b"", b"  \t", b"{not json", b"null", b"[" * 200 + b"]" * 200]
+    lines[20:20] = [b'{"batch": [' + lines[0] + b"," + lines[1] + b"]}", b'{"\\u0062atch": [' + lines[2] + b"]}"]
+    lines[50:50] = [b'{"type":"track","messageId":"long","n":"' + b"y" * 5000 + b'"}', b" " * 2500]
+    lines[150:150] = [b""] * 3000 + [b"  "] * 5  # a long run of blank lines: the gzip reader skips it at once
+    plain = tmp_path / "plain.ndjson"
+    plain.write_bytes(b"\r\n".join(lines[:100]) + b"\n" + b"\n".join(lines[100:]))  # no newline at the end
+    zipped = tmp_path / "zipped.ndjson.gz"
+    zipped.write_bytes(gzip.compress(plain.read_bytes()))
+    cut = tmp_path / "cut.ndjson.gz"
+    cut.write_bytes(zipped.read_bytes()[: zipped.stat().st_size // 2])
+    document = tmp_path / "document.json"
+    document.write_bytes(b"[" + b",".join(lines[100:110]) + b"]")
+    for limit in (16 << 20, 2048, 1100):
+        blocks, records = _blocks_and_records([plain, cut, document, zipped, plain], max_line_bytes=limit)
+        assert blocks == records
+        assert len(records[0]) > 400 and len(records[1]) == 1  # the cut gzip is reported, with its line
+    assert sum(record.error is not None and "line longer" in record.error for record in records[0]) >= 4
+
+
+def test_a_plain_file_comes_in_blocks_of_whole_lines(tmp_path: Path) -> None:
+    from engine.ndjson import LineBlock
+
+    source = tmp_path / "events.ndjson"
+    source.write_bytes(b'{"type":"track"}\n' * 200_000)
+    units = list(read_blocks([source]))
+    assert len(units) > 2 and all(isinstance(unit, LineBlock) and unit.data.endswith(b"\n") for unit in units)
+    assert [unit.line for unit in units[:2]] == [1, 1 + units[0].data.count(b"\n")]

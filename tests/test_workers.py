@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,10 +17,15 @@ import pytest
 
 from benchmarks.corpus import lines
 from engine import Engine
-from engine.ingest.files import read_records
-from engine.mapping import InProcessMapper
+from engine.ingest import files
+from engine.ingest.files import read_blocks, read_records
+from engine.limits import InputLimits
+from engine.mapping import InProcessMapper, summarize
+from engine.ndjson import LineBlock
+from engine.outcome import KINDS
 from engine import workers
-from engine.workers import SLICE, PoolMapper, _map_slice, make_mapper
+from engine.topsort.batching import Batcher
+from engine.workers import SLICE, PoolMapper, _map_slice, _summarize_part, make_mapper
 
 from .conftest import run_cli
 
@@ -53,20 +61,70 @@ def _without_time(dead_letters: bytes) -> list[dict]:
     return records
 
 
+def _sources(folder: Path) -> list[Path]:
+    """Files of every shape ``map`` reads: NDJSON with over-long lines and no final newline, the same
+    gzipped, a cut gzip (reported, the next file read), a JSON document."""
+    mix = _hostile_mix(folder / "mix.ndjson", 3 * SLICE).read_bytes().splitlines()
+    mix[40:40] = [b'{"type":"track","messageId":"long","x":"' + b"y" * 3000 + b'"}', b" " * 2500]
+    plain = folder / "plain.ndjson"
+    plain.write_bytes(b"\n".join(mix))
+    zipped = folder / "zipped.ndjson.gz"
+    zipped.write_bytes(gzip.compress(b"\n".join(mix[:SLICE + 50]) + b"\n"))
+    cut = folder / "cut.ndjson.gz"
+    cut.write_bytes(zipped.read_bytes()[: zipped.stat().st_size // 2])
+    document = folder / "document.json"
+    document.write_bytes(b"[" + b",".join(line for line in mix[:SLICE] if line.startswith(b'{"a')) + b"]")
+    return [plain, cut, zipped, document]
+
+
+def _map(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """``map ARGS``, its summary table wide enough that no row wraps."""
+    return subprocess.run([sys.executable, "-m", "engine", "map", *args], capture_output=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "250"})
+
+
+def _summary(stderr: bytes) -> list[str]:
+    """The summary table's rows, the one that tells the speed aside."""
+    rows = stderr.decode().splitlines()
+    return [" ".join(row.replace("│", " ").split()) for row in rows if "events/s" not in row and "──" not in row]
+
+
 @pytest.mark.parametrize("output_format", ["requests", "outcomes"])
 def test_map_with_two_workers_writes_the_same_bytes_as_one(tmp_path: Path, output_format: str) -> None:
-    corpus = _hostile_mix(tmp_path / "mix.ndjson", 3 * SLICE)
+    sources = [str(path) for path in _sources(tmp_path)]
     runs = {}
     for count in ("1", "2"):
         rejects = tmp_path / f"rejects-{count}.ndjson"
-        done = run_cli("map", str(corpus), "--workers", count, "--rejects", str(rejects), "--format", output_format)
-        assert done.returncode == 0, done.stderr
-        runs[count] = (done.stdout, _without_time(rejects.read_bytes()))
+        done = _map(*sources, "--workers", count, "--rejects", str(rejects), "--format", output_format,
+                    "--max-line-bytes", "2048")
+        assert done.returncode == 3, done.stderr  # the cut gzip
+        runs[count] = (done.stdout, _without_time(rejects.read_bytes()), _summary(done.stderr))
     assert runs["2"][0] == runs["1"][0]
     assert runs["2"][1] == runs["1"][1]
-    assert len(runs["1"][1]) > 20  # broken, too deep and unmappable events were dead-lettered
+    assert runs["2"][2] == runs["1"][2]
+    assert f"{sources[1]}:" in runs["1"][2][0] and "gzip data is truncated" in runs["1"][2][0]
+    assert len(runs["1"][1]) > 20  # broken, too deep, too long and unmappable events were dead-lettered
+    assert any("line longer than 2 KiB" in str(letter) for letter in runs["1"][1])
     if output_format == "outcomes":
         assert len(runs["1"][0].splitlines()) > 3 * SLICE
+
+
+def test_map_writes_what_the_batcher_makes_of_each_mapped_event(tmp_path: Path) -> None:
+    """The slice-at-a-time output of ``map`` against the plain way: each event of each record, in
+    order, through :class:`Batcher`, encoded with ``orjson``."""
+    sources = _sources(tmp_path)
+    expected = b""
+    batcher: Batcher[orjson.Fragment] = Batcher()
+    limits = InputLimits(max_line_bytes=2048)
+    for mapped in InProcessMapper(Engine.from_folders()).map(list(read_records(sources, limits, on_fault=print))):
+        for event in mapped.events:
+            if body := batcher.add(event.kind, orjson.Fragment(event.body)):
+                expected += orjson.dumps(body) + b"\n"
+    expected += orjson.dumps(batcher.flush()) + b"\n"
+    for count in ("1", "2"):
+        done = run_cli("map", *map(str, sources), "--workers", count, "--max-line-bytes", "2048")
+        assert done.stdout == expected
+    assert expected.count(b"\n") > 20
 
 
 def test_pool_mapper_gives_what_the_engine_gives_in_order(tmp_path: Path) -> None:
@@ -110,12 +168,18 @@ def _dying_once(wire: Any) -> Any:
     return _map_slice(wire)
 
 
-def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    corpus = _hostile_mix(tmp_path / "mix.ndjson", 4 * SLICE)
+def _marked(folder: Path) -> Path:
+    """A corpus of several slices with the marked event at line 301."""
+    corpus = _hostile_mix(folder / "mix.ndjson", 4 * SLICE)
     marked = corpus.read_bytes().splitlines()
     marked.insert(300, next(line for line in marked if b'"messageId":"' in line).replace(
         b'"messageId":"', b'"messageId":"die-here","was":"', 1))
     corpus.write_bytes(b"\n".join(marked) + b"\n")
+    return corpus
+
+
+def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = _marked(tmp_path)
     engine = Engine.from_folders()
     expected = InProcessMapper(engine).map(list(read_records([corpus])))
     monkeypatch.setenv("SEGMENT_TOPSORT_TEST_FLAG", str(tmp_path / "died"))
@@ -129,11 +193,71 @@ def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path, monkeypatc
     assert got == _same_time(expected, got)
 
 
+def _dying_summary(part: Any, outcome_lines: bool) -> Any:
+    """``_summarize_part`` in a worker that dies on a part holding the mark: the first time only, or
+    (``SEGMENT_TOPSORT_TEST_FLAG`` unset) every time (mapping the mark's record alone does not die)."""
+    flag = os.environ.get("SEGMENT_TOPSORT_TEST_FLAG")
+    marked = any(_DIE_ONCE in (piece.data if isinstance(piece, LineBlock) else piece[0]) for piece in part)
+    if marked and not (flag and Path(flag).exists()):
+        if flag:
+            Path(flag).touch()
+        os._exit(1)
+    return _summarize_part(part, outcome_lines)
+
+
+def _lines_of(summaries: Any) -> list[bytes]:
+    """The outcome lines of a stream of summaries, checked against their counts."""
+    lines = []
+    for summary in summaries:
+        assert sum(summary.verdicts.values()) == len(summary.outcome_lines.splitlines())
+        lines += summary.outcome_lines.splitlines()
+    return lines
+
+
+@pytest.mark.parametrize("dies", ["once", "always"])
+def test_a_worker_that_dies_summing_up_a_block_loses_and_doubles_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies: str
+) -> None:
+    corpus = _marked(tmp_path)
+    engine = Engine.from_folders()
+    expected = _lines_of(InProcessMapper(engine).summaries(read_records([corpus]), outcome_lines=True))
+    if dies == "once":
+        monkeypatch.setenv("SEGMENT_TOPSORT_TEST_FLAG", str(tmp_path / "died"))
+    else:
+        monkeypatch.delenv("SEGMENT_TOPSORT_TEST_FLAG", raising=False)
+    monkeypatch.setattr(workers, "_summarize_part", _dying_summary)
+    monkeypatch.setattr(files, "BLOCK", 64 << 10)  # a few dozen events a block
+    pool = PoolMapper(engine, 2)
+    try:
+        got = _lines_of(pool.summaries(read_blocks([corpus]), outcome_lines=True))
+    finally:
+        pool.close()
+    assert len(got) == len(expected) > 4 * SLICE
+    assert got == expected
+    # once: the block is sent again; always: it is split here and mapped event by event (the parts
+    # in flight ahead of it, sent again with it, may see it kill their pool too)
+    assert pool.restarts == 1 if dies == "once" else pool.restarts >= 2
+
+
+def test_map_sums_up_each_slice_of_what_it_maps(tmp_path: Path) -> None:
+    records = list(read_records([_hostile_mix(tmp_path / "mix.ndjson", 200)]))
+    mapped = InProcessMapper(Engine.from_folders()).map(records)
+    summary = summarize(zip(records, mapped))
+    assert sum(summary.verdicts.values()) == len(records)
+    assert [KINDS[code] for code in summary.kinds] == [event.kind for one in mapped for event in one.events]
+    assert summary.bodies == [event.body for one in mapped for event in one.events]
+    assert summary.dead_letters == [one.dead_letter for one in mapped if one.dead_letter is not None]
+    assert sum(summary.reasons.values()) == sum(len(one.rejected) for one in mapped) > 10
+    assert summary.outcome_lines == b""
+
+
 def test_a_short_input_starts_no_process(tmp_path: Path) -> None:
     pool = make_mapper(Engine.from_folders(), 2)
     assert isinstance(pool, PoolMapper)
-    records = list(read_records([_hostile_mix(tmp_path / "mix.ndjson", 100)], decoded=False))
+    corpus = _hostile_mix(tmp_path / "mix.ndjson", 100)
+    records = list(read_records([corpus], decoded=False))
     assert len(list(pool.stream(records))) == len(records) < SLICE
+    assert sum(sum(summary.verdicts.values()) for summary in pool.summaries(read_blocks([corpus]))) == len(records)
     assert not multiprocessing.active_children()
     assert isinstance(make_mapper(Engine.from_folders(), 1), InProcessMapper)
 
@@ -151,8 +275,6 @@ def _same_time(expected: list, got: list) -> list:
 
 
 def test_workers_end_when_their_parent_is_killed(tmp_path: Path) -> None:
-    import subprocess
-    import sys
     import time
 
     mapping = subprocess.Popen([sys.executable, "-m", "engine", "map", "-", "--workers", "2"],
@@ -218,3 +340,19 @@ def test_run_sandbox_forks_its_workers_before_the_sandbox_thread_starts(
     assert done.exit_code == 0, done.output
     assert len(threads_at_fork) == 1
     assert not [name for name in threads_at_fork[0] if "sandbox" in name], threads_at_fork
+
+
+def test_the_blocks_of_many_small_files_share_a_worker_s_part(tmp_path: Path) -> None:
+    for number in range(40):
+        (tmp_path / f"{number:02}.ndjson").write_bytes(b"\n".join(lines(30, seed=number)) + b"\n")
+    units = list(read_blocks([tmp_path]))
+    parts = list(workers._parts(iter(units), SLICE))
+    assert len(units) == 40 and 1 < len(parts) < 10
+    assert [piece for part in parts for piece in part] == units
+    pool = PoolMapper(Engine.from_folders(), 2)
+    try:
+        got = [line for summary in pool.summaries(units, outcome_lines=True) for line in summary.outcome_lines.splitlines()]
+    finally:
+        pool.close()
+    assert [(line["origin"], line["line"]) for line in map(orjson.loads, got)] == [
+        (str(tmp_path / f"{number:02}.ndjson"), row) for number in range(40) for row in range(1, 31)]

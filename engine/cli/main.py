@@ -16,22 +16,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from ..topsort.batching import Batcher
+from ..topsort.batching import Batcher, encoded_body
 from .options import (
     EXIT_INPUT_SKIPPED, input_limits, limits_from, report_fault, rule_folders, rules_option, workers_option,
 )
 from ..delivery.dead_letters import DeadLetterFile
 from ..engine import Engine
 from ..errors import InputError, Problem, RulesInvalid
-from ..mapping import Mapped
-from ..record import Record
+from ..mapping import MappedSlice
+from ..outcome import KINDS
 from ..workers import make_mapper
 from ..reports.explain import RuleExplanation, explain
 from ..limits import MAX_DEPTH, MAX_LINE_BYTES, size, too_deep
 from ..rules.loader import check_rules
 from ..paths import BUNDLED_RULES
 from ..rules.inline_tests import run_rule_tests
-from ..ingest.files import expand_sources, read_records
+from ..ingest.files import expand_sources, read_blocks
 from ..reports.summary import Tally
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -132,33 +132,48 @@ def map_command(
         raise click.UsageError(str(exc)) from None
     engine = _engine(rule_dirs)
     tally = Tally()
-    out = sys.stdout.buffer
-    requests = 0
-    batcher: Batcher[orjson.Fragment] = Batcher()
     mapper = make_mapper(engine, workers)
-    records = read_records(sources, limits_from(limits), on_fault=partial(report_fault, stderr, tally), decoded=False)
+    units = read_blocks(sources, limits_from(limits), on_fault=partial(report_fault, stderr, tally))
     with (DeadLetterFile(rejects) if rejects else nullcontext()) as dead, _progress("mapping") as advance, \
             closing(mapper):
-        for record, mapped in mapper.stream(records):
-            tally.add_mapped(mapped)
-            advance()
-            if dead is not None and mapped.dead_letter is not None:
-                dead.write_encoded(mapped.dead_letter)
-            if output_format == "outcomes":
-                _write(out, _outcome_line(record, mapped))
-                continue
-            for event in mapped.events:
-                body = batcher.add(event.kind, orjson.Fragment(event.body))
-                if body:
-                    requests += _write(out, body)
-        if (body := batcher.flush()) is not None:
-            requests += _write(out, body)
+        output = _MapOutput(sys.stdout.buffer, tally, dead)
+        for mapped in mapper.summaries(units, outcome_lines=output_format == "outcomes"):
+            output.add(mapped)
+            advance(sum(mapped.verdicts.values()))
+        requests = output.finish()
     extra = {"requests written": requests} if output_format == "requests" else {}
     if rejects:
         extra["rejected events kept"] = dead.written if dead else 0
     stderr.print(tally.table("map", extra))
     if tally.faults:
         sys.exit(EXIT_INPUT_SKIPPED)
+
+
+class _MapOutput:
+    """Where ``map`` puts what each slice became: the tally, the dead letters, and its output
+    (``--format outcomes`` lines as they come, or Topsort request bodies as the batcher fills them)."""
+
+    def __init__(self, out: BinaryIO, tally: Tally, dead: DeadLetterFile | None) -> None:
+        self._out, self._tally, self._dead = out, tally, dead
+        self._batcher: Batcher[bytes] = Batcher()
+        self.requests = 0
+
+    def add(self, mapped: MappedSlice) -> None:
+        self._tally.add_slice(mapped)
+        if self._dead is not None:
+            for letter in mapped.dead_letters:
+                self._dead.write_encoded(letter)
+        _write(self._out, mapped.outcome_lines)
+        add = self._batcher.add
+        for code, body in zip(mapped.kinds, mapped.bodies):
+            if batch := add(KINDS[code], body):
+                self.requests += _write(self._out, encoded_body(batch) + b"\n")
+
+    def finish(self) -> int:
+        """Write the last request body; the request bodies written."""
+        if (batch := self._batcher.flush()) is not None:
+            self.requests += _write(self._out, encoded_body(batch) + b"\n")
+        return self.requests
 
 
 @main.command("explain")
@@ -189,13 +204,6 @@ def explain_command(event_file: str, rule_dirs: tuple[Path, ...]) -> None:
     verdict = "skipped (no rule wants it)" if outcome.skipped else (
         f"{len(outcome.emitted)} emitted, {len(outcome.rejected)} rejected")
     console.print(f"[bold]Outcome:[/] {verdict}")
-
-
-def _outcome_line(record: Record, mapped: Mapped) -> dict[str, Any]:
-    """``map --format outcomes``' line of one input event."""
-    emitted = [{"kind": e.kind, "rule": e.rule, "event": orjson.Fragment(e.body)} for e in mapped.events]
-    return {"origin": record.origin, "line": record.line, "messageId": mapped.message_id, "emitted": emitted,
-            "rejected": [r.to_dict() for r in mapped.rejected], "skipped": not emitted and not mapped.rejected}
 
 
 def _print_explanation(console: Console, found: RuleExplanation) -> None:
@@ -248,9 +256,12 @@ def _print_problems(problems: Sequence[Problem]) -> None:
         stderr.print(f"[{colour}]{escape(str(problem))}[/]")
 
 
-def _write(out: BinaryIO, value: Any) -> int:
+def _write(out: BinaryIO, data: bytes) -> int:
+    """Write ``data`` (lines already encoded) to the output; 1 when there was any."""
+    if not data:
+        return 0
     try:
-        out.write(orjson.dumps(value) + b"\n")
+        out.write(data)
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): stop quietly
         sys.exit(0)
@@ -261,18 +272,18 @@ def _write(out: BinaryIO, value: Any) -> int:
 def _progress(label: str, every: int = 1024) -> Iterator[Any]:
     """A live count of events on a terminal (stderr); nothing otherwise."""
     if not stderr.is_terminal:
-        yield lambda: None
+        yield lambda events=1: None
         return
     columns = (SpinnerColumn(), TextColumn(f"{label} {{task.completed:,}} events"), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task(label, total=None)
         count = 0
 
-        def advance() -> None:
+        def advance(events: int = 1) -> None:
             nonlocal count
-            count += 1
-            if count % every == 0:
-                progress.update(task, completed=count)
+            if (count + events) // every > count // every:
+                progress.update(task, completed=count + events)
+            count += events
 
         yield advance
 

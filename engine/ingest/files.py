@@ -15,10 +15,11 @@ import errno
 import glob
 import gzip
 import os
+import stat
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,7 +27,9 @@ from typing import Any, BinaryIO
 import orjson
 
 from ..errors import InputError, SourceError, SourceRefused
-from ..record import Checkpoint, OnFault, Record, SourceFault, decode, too_deep_reason
+from ..ndjson import LineBlock, batch_events, event_record, line_records, too_long, undecoded
+from ..ndjson import decode_line  # noqa: F401  (where the command line and benchmarks look for it)
+from ..record import Checkpoint, OnFault, Record, SourceFault
 from ..limits import (
     DEFAULT_LIMITS,
     GZIP_RATIO_FLOOR,
@@ -35,7 +38,6 @@ from ..limits import (
     InputLimits,
     MiB,
     size,
-    too_deep,
 )
 
 STDIN = "-"
@@ -44,6 +46,10 @@ _HEAD = 256
 """Bytes at the start of a source kept in its checkpoint, to recognise it on the next run."""
 _SKIP_CHUNK = MiB
 """Bytes read at a time while skipping the rest of an over-long line."""
+BLOCK = MiB
+"""Bytes of NDJSON read at a time by :func:`read_blocks` (a few hundred events)."""
+_BLANK_RUN = 1024
+"""Blank lines in a row kept in a block as newlines; a longer run ends it."""
 
 
 def expand_sources(names: Iterable[str | Path]) -> list[str]:
@@ -72,6 +78,38 @@ def read_records(
     for name in expand_sources(sources):
         for record, _ in read_source(name, limits=limits, on_fault=on_fault, decoded=decoded):
             yield record
+
+
+def read_blocks(
+    sources: Iterable[str | Path], limits: InputLimits = DEFAULT_LIMITS, on_fault: OnFault | None = None,
+) -> Iterator[Record | LineBlock]:
+    """What :func:`read_records` reads with ``decoded=False``, with the lines of NDJSON handed over in
+    :class:`~engine.ndjson.LineBlock` values of about ``BLOCK`` bytes, for the map stage to split
+    (:func:`~engine.ndjson.block_records`): the same records, at a fraction of the cost here. A plain
+    file (or stdin) is read a block at a time, cut at a newline; a gzipped one line by line, as
+    :func:`read_source` reads it (its expansion checked as it goes), its lines joined. JSON documents,
+    and a source that is no regular file (a pipe, a folder), come record by record."""
+    for name in expand_sources(sources):
+        if name != STDIN and not _regular(name):
+            for record, _ in read_source(name, limits=limits, on_fault=on_fault, decoded=False):
+                yield record
+            continue
+        at = _Cursor()
+        try:
+            with nullcontext((sys.stdin.buffer, None)) if name == STDIN else _open(name) as (stream, compressed):
+                if name != STDIN:
+                    stream.read(_HEAD)  # as read_source does: a source whose start cannot be read never opened
+                    stream.seek(0)
+                at.opened = True
+                reader = _Lines(stream, limits, compressed, name)
+                if (document := _document_records(name, reader, b"", None)) is not None:
+                    yield from (record for record, _ in document)
+                elif compressed is None:
+                    yield from reader.blocks(at, BLOCK)
+                else:
+                    yield from reader.joined(at, BLOCK)
+        except (OSError, EOFError, zlib.error, SourceRefused) as exc:
+            _fault(name, exc, at, on_fault)
 
 
 def read_source(
@@ -106,23 +144,20 @@ def read_source(
             same = start is not None and head.startswith(start.head) and start.offset <= _size(name, stream)
             yield from _read(name, stream, head, start if same else None, limits, at, compressed, decoded)
     except (OSError, EOFError, zlib.error, SourceRefused) as exc:
-        fault = SourceFault(name, at.line if at.opened else None, _damage(exc, at))
-        if on_fault is None:
-            raise SourceError(str(fault)) from None
-        on_fault(fault)
+        _fault(name, exc, at, on_fault)
 
 
-def decode_line(origin: str, line: int, raw: bytes) -> Record:
-    """The record of one (stripped, non-blank) input line."""
-    record = decode(Record(origin, line, raw), check_depth=False)
-    if record.error is None and too_deep(raw) and _batch(record.event) is None:  # a batch's events are checked one by one
-        return Record(origin, line, raw, error=too_deep_reason(origin, line))
-    return record
+def _regular(name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name).st_mode)
+    except OSError:
+        return False
 
 
 def uncompressed_size(name: str) -> int | None:
-    """The bytes a plain file holds (for progress), or None for stdin, gzipped and unreadable files."""
-    if name == STDIN:
+    """The bytes a plain file holds (for progress), or None for stdin, gzipped and unreadable files, and
+    anything but a regular file (a pipe's first bytes are not read here)."""
+    if name == STDIN or not _regular(name):
         return None
     try:
         with open(name, "rb") as stream:
@@ -139,6 +174,14 @@ class _Cursor:
     line: int = 0
 
 
+def _fault(name: str, exc: BaseException, at: _Cursor, on_fault: OnFault | None) -> None:
+    """Hand a source that could not be read to its end to ``on_fault``; raise :class:`SourceError` without one."""
+    fault = SourceFault(name, at.line if at.opened else None, _damage(exc, at))
+    if on_fault is None:
+        raise SourceError(str(fault)) from None
+    on_fault(fault)
+
+
 def _damage(exc: BaseException, at: _Cursor) -> str:
     rest = "; the rest of the file was not read" if at.opened else ""
     if isinstance(exc, SourceRefused):
@@ -150,17 +193,6 @@ def _damage(exc: BaseException, at: _Cursor) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"cannot be read: {exc.strerror}{rest}"
     return f"cannot be read: {exc}{rest}"
-
-
-def _event_record(origin: str, line: int, event: Any) -> Record:
-    """The record of one event of a batch or document, re-encoded; one too deep is refused."""
-    try:
-        raw = orjson.dumps(event)
-    except orjson.JSONEncodeError:  # deeper than orjson writes
-        return Record(origin, line, b"", error=too_deep_reason(origin, line))
-    if too_deep(raw):
-        return Record(origin, line, raw[:KEPT_BYTES], error=too_deep_reason(origin, line))
-    return Record(origin, line, raw, event=event)
 
 
 def _size(name: str, stream: BinaryIO) -> float:
@@ -210,10 +242,17 @@ def _read(
     if start is not None and start.offset > 0:
         reader.resume(start.offset)
         at.line = start.line
-        yield from _ndjson(origin, reader, head, at, decoded)
+    elif (document := _document_records(origin, reader, head, start)) is not None:
+        yield from document
         return
-    first = reader.peek_line()
-    text = first.strip()
+    yield from _ndjson(origin, reader, head, at, decoded)
+
+
+def _document_records(
+    origin: str, reader: _Lines, head: bytes, start: Checkpoint | None
+) -> Iterator[tuple[Record, Checkpoint | None]] | None:
+    """The records of a source that is one JSON document (see :func:`_read`), or None for NDJSON."""
+    text = reader.peek_line().strip()
     if text.startswith(b"[") or (text.startswith(b"{") and not _parses(text)):
         data = reader.read_ahead(MAX_DOCUMENT_BYTES)
         if len(data) <= MAX_DOCUMENT_BYTES and reader.at_end():
@@ -222,12 +261,10 @@ def _read(
             except orjson.JSONDecodeError as exc:
                 if text.startswith(b"["):
                     error = f"{origin}: not a valid JSON document: {exc}"
-                    yield Record(origin, 1, data[:2048], error=error), _checkpoint(origin, len(data), 1, head)
-                    return
+                    return iter([(Record(origin, 1, data[:2048], error=error), _checkpoint(origin, len(data), 1, head))])
             else:
-                yield from _document(origin, document, len(data), head, start)
-                return
-    yield from _ndjson(origin, reader, head, at, decoded)
+                return _document(origin, document, len(data), head, start)
+    return None
 
 
 def _parses(text: bytes) -> bool:
@@ -293,6 +330,68 @@ class _Lines:
             if self.offset >= self._next_check:
                 self._check_ratio()
 
+    def blocks(self, at: _Cursor, size: int) -> Iterator[LineBlock | Record]:
+        """The rest of a plain stream as blocks of whole lines (the last one perhaps without its
+        newline); a line longer than the limit that no block could hold whole comes as its
+        record (:func:`~engine.ndjson.too_long`), the rest of it skipped. ``at.line`` counts the
+        lines handed out."""
+        pending, self._ahead, self._at = self._ahead[self._at:], b"", 0
+        while True:
+            chunk = self._stream.read(size)
+            data = pending + chunk if pending else chunk
+            if not chunk:
+                if data:
+                    yield LineBlock(self._origin, at.line + 1, data, self.max_line_bytes)
+                    at.line += data.count(b"\n") + (not data.endswith(b"\n"))
+                return
+            cut = data.rfind(b"\n") + 1
+            pending = data[cut:]
+            if cut:
+                yield LineBlock(self._origin, at.line + 1, data[:cut], self.max_line_bytes)
+                at.line += data.count(b"\n", 0, cut)
+            if len(pending) > self.max_line_bytes:  # a line too long, its end not read yet
+                at.line += 1
+                yield too_long(self._origin, at.line, pending, self.max_line_bytes)
+                pending = self._after_newline(size)
+
+    def joined(self, at: _Cursor, size: int) -> Iterator[LineBlock | Record]:
+        """The rest of the stream read line by line (as :meth:`__iter__` reads it: the gzip ratio
+        checked as it goes), the lines joined into blocks of about ``size`` bytes; an over-long line
+        comes as its record. The lines read before a fault are handed out before it is raised."""
+        parts: list[bytes] = []
+        length, first = 0, at.line + 1
+        try:
+            for line, newlines, over in self:
+                if parts and (over or length >= size):
+                    yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
+                    parts, length = [], 0
+                if not parts:
+                    first = at.line + 1
+                at.line += newlines
+                if over:
+                    yield too_long(self._origin, at.line, line, self.max_line_bytes)
+                    continue
+                if not line and newlines > _BLANK_RUN:  # a long run of blank lines: the next block starts after it
+                    if parts:
+                        yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
+                        parts, length = [], 0
+                    continue
+                parts.append(line or b"\n" * newlines)  # a short run of blank lines keeps its count
+                length += len(line) or newlines
+        except (OSError, EOFError, zlib.error, SourceRefused):
+            if parts:
+                yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
+            raise
+        if parts:
+            yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
+
+    def _after_newline(self, size: int) -> bytes:
+        """Skip to the end of the line being read; what follows it in the last chunk read."""
+        while chunk := self._stream.read(size):
+            if (end := chunk.find(b"\n")) >= 0:
+                return chunk[end + 1:]
+        return b""
+
     def _readline(self, size: int) -> bytes:
         if self._at == len(self._ahead):
             return self._stream.readline(size)
@@ -346,48 +445,37 @@ class _Lines:
 def _ndjson(
     origin: str, reader: _Lines, head: bytes, at: _Cursor, decoded: bool = True
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
-    for raw, lines, too_long in reader:
+    for raw, lines, over in reader:
         at.line += lines
         line = at.line
         checkpoint = _checkpoint(origin, reader.offset, line, head[: reader.offset])
-        if too_long:
-            error = f"{origin}:{line}: line longer than {size(reader.max_line_bytes)} (--max-line-bytes); skipped"
-            yield Record(origin, line, raw, error=error), checkpoint
+        if over:
+            yield too_long(origin, line, raw, reader.max_line_bytes), checkpoint
             continue
         raw = raw.strip()
         if not raw:
             continue
-        if not decoded and b"batch" not in raw and b"\\u" not in raw:  # cannot spell {"batch": ...}
+        if not decoded and undecoded(raw):
             yield Record(origin, line, raw), checkpoint
             continue
-        record = decode_line(origin, line, raw)
-        batch = _batch(record.event)
-        if batch is None:
-            yield record, checkpoint
-            continue
-        for position, event in enumerate(batch, start=1):
-            yield _event_record(origin, line, event), checkpoint if position == len(batch) else None
+        records = line_records(origin, line, raw)
+        last = len(records) - 1
+        for position, record in enumerate(records):
+            yield record, checkpoint if position == last else None
 
 
 def _document(
     origin: str, document: Any, size: int, head: bytes, start: Checkpoint | None
 ) -> Iterator[tuple[Record, Checkpoint | None]]:
-    events = _batch(document)
+    events = batch_events(document)
     if events is None:
         events = document if isinstance(document, list) else [document]
     taken = start.line if start is not None else 0
     for number, event in enumerate(events, start=1):
         if number > taken:
             offset = size if number == len(events) else 0
-            yield _event_record(origin, number, event), _checkpoint(origin, offset, number, head)
+            yield event_record(origin, number, event), _checkpoint(origin, offset, number, head)
 
 
 def _checkpoint(origin: str, offset: int, line: int, head: bytes) -> Checkpoint | None:
     return None if origin == STDIN else Checkpoint(offset, line, head)
-
-
-def _batch(value: Any) -> list[Any] | None:
-    """The events of a Segment batch body ``{"batch": [...]}``, or None for anything else."""
-    if isinstance(value, dict) and isinstance(value.get("batch"), list) and "type" not in value:
-        return value["batch"]
-    return None

@@ -13,7 +13,7 @@ from ..outcome import KINDS, Outcome, Rejection
 from ..record import SourceFault
 
 if TYPE_CHECKING:
-    from ..mapping import Mapped
+    from ..mapping import Mapped, MappedSlice
 
 
 class Tally:
@@ -42,11 +42,15 @@ class Tally:
     def _count(self, verdict: str, rejected: tuple[Rejection, ...], kinds: list[str]) -> None:
         self.events[verdict] += 1
         for rejection in rejected:
-            parts = rejection.reason.split(": ")
-            # an input's own problem reads "origin:line: what: detail"; a rule's "…: why"
-            reason = parts[-1] if rejection.rule is not None else parts[min(1, len(parts) - 1)]
-            self.reasons[(rejection.rule or "(input)", f"{rejection.path} {reason}")] += 1
+            self.reasons[rejection.summary_key()] += 1
         self.emitted.update(kinds)
+
+    def add_slice(self, mapped: MappedSlice) -> None:
+        """Count the events of a slice as the map stage summed them up."""
+        self.events.update(mapped.verdicts)
+        self.reasons.update(mapped.reasons)
+        for code, kind in enumerate(KINDS):
+            self.emitted[kind] += mapped.kinds.count(code)
 
     def fault(self, fault: SourceFault) -> None:
         """Count a source that could not be read to its end."""
