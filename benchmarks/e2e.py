@@ -173,7 +173,8 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     sent = stage("run: slices to workers (pickle)", "parent", lambda: [pickle.dumps(_to_wire(s)) for s in slices])
     answers = stage("run: slices in, map, answers out", "worker", lambda: [
         pickle.dumps(_map_slice(pickle.loads(s))) for s in sent])
-    stage("run: answers back (unpickle)", "parent", lambda: [m for a in answers for m in _from_wire(pickle.loads(a))])
+    mapped = stage("run: answers back (unpickle)", "parent", lambda: [
+        m for a in answers for m in _from_wire(pickle.loads(a))])
     part = folder / "stages.ndjson"
     part.write_bytes(b"".join(r.raw + b"\n" for r in records))
     blocks = stage("map: read blocks of lines", "parent", lambda: list(read_blocks([part])))

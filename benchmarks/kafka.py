@@ -36,7 +36,7 @@ from benchmarks.corpus import lines  # noqa: E402
 from benchmarks.delivery import KEY, start_sandbox  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.ingest.kafka.settings import message_key  # noqa: E402
-from engine.ingest.files import decode_line  # noqa: E402
+from engine.ndjson import decode_line  # noqa: E402
 
 _GROUP_TIMEOUTS = {"SEGMENT_TOPSORT_KAFKA_SESSION_TIMEOUT_MS": "6000",
                    "SEGMENT_TOPSORT_KAFKA_HEARTBEAT_INTERVAL_MS": "1000"}

@@ -28,7 +28,6 @@ import orjson
 
 from ..errors import InputError, SourceError, SourceRefused
 from ..ndjson import LineBlock, batch_events, event_record, line_records, too_long, undecoded
-from ..ndjson import decode_line  # noqa: F401  (where the command line and benchmarks look for it)
 from ..record import Checkpoint, OnFault, Record, SourceFault
 from ..limits import (
     DEFAULT_LIMITS,
