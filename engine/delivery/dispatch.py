@@ -47,9 +47,9 @@ from typing import Any
 import httpx
 
 from .api_key import scrub
-from ..topsort.batching import Batcher
+from ..topsort.batching import Batcher, encoded_body
 from ..errors import AuthenticationError, DeliveryError, DeliveryStopped, EndpointError, UnreachableError
-from ..outcome import KINDS, Rejection
+from ..outcome import KINDS, Kind, Rejection
 from .retry import RetryPolicy, is_transient, server_delay
 from .spool import Chunk, Spool, Spooled
 from .transport import default_transport
@@ -457,11 +457,10 @@ def _flat(batch: dict[str, list[Spooled]]) -> list[Spooled]:
 
 def _body(rows: Sequence[Spooled]) -> bytes:
     """The request body: the spooled JSON of each event, grouped in arrays by kind."""
-    arrays: dict[str, list[bytes]] = {}
+    arrays: dict[Kind, list[bytes]] = {}
     for row in rows:
         arrays.setdefault(row.kind, []).append(row.body)
-    parts = [b'"%s":[%s]' % (kind.encode(), b",".join(arrays[kind])) for kind in KINDS if kind in arrays]
-    return b"{" + b",".join(parts) + b"}"
+    return encoded_body(arrays)
 
 
 def _failure(row: Spooled, refusal: _Refusal) -> tuple[Spooled, dict[str, Any]]:
