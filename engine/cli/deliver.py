@@ -57,6 +57,7 @@ from ..errors import DeliveryError, EngineError
 from ..delivery.pipeline import DeliveryTarget, MapStep, Pipeline, Source, deliver
 from ..engine import Engine
 from ..limits import InputLimits
+from ..ndjson import decode_line
 from ..delivery.retry import RetryPolicy
 from ..ingest.files import (
     STDIN,
@@ -64,7 +65,6 @@ from ..ingest.files import (
     InputError,
     OnFault,
     Record,
-    decode_line,
     expand_sources,
     read_source,
     uncompressed_size,
