@@ -133,11 +133,6 @@ class Chunk:
         if mapped.events:
             self.encoded.append((record, mapped.events))
 
-    def add_slice(self, pairs: Sequence[tuple[Record, Mapped]]) -> None:
-        """:meth:`add_mapped` for each record of a slice, with its dead letter, at a fraction of the cost."""
-        self.encoded_dead_letters += [m.dead_letter for _, m in pairs if m.dead_letter is not None]
-        self.encoded += [(record, m.events) for record, m in pairs if m.events]
-
     def checkpoint(self, source: str, checkpoint: Checkpoint) -> None:
         """Record how far ``source`` has been read."""
         self.checkpoints[source] = checkpoint
