@@ -352,7 +352,7 @@ def _summarize_part(part: list[_Piece], outcome_lines: bool) -> MappedSlice:
 
 def _pack_part(part: list[_Piece]) -> PackedSlice:
     assert _worker_mapper is not None
-    return pack_mapped([(record, _worker_mapper.map_one(record)) for record in _piece_records(part)])
+    return pack_mapped((record, _worker_mapper.map_one(record)) for record in _piece_records(part))
 
 
 def _to_mapped_wire(one: Mapped) -> _MappedWire:

@@ -30,7 +30,7 @@ def test_a_source_goes_through_map_tally_spool_and_dispatch(tmp_path: Path, bloc
     events = tmp_path / "events.ndjson"
     events.write_bytes(EXAMPLES.read_bytes() + b"{not json\n")
     tally = Tally()
-    pipeline = Pipeline(MapStep(InProcessMapper(Engine.from_folders()), count_slice=tally.add_slice))
+    pipeline = Pipeline(MapStep(InProcessMapper(Engine.from_folders()), tally))
     target = DeliveryTarget("https://api.topsort.test", "sk_test_pipeline", max_latency=0.01)
     key = str(events)
     with Spool(tmp_path / "spool.db") as spool:

@@ -211,7 +211,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs, mappe
         exported = spool.export_dead_letters(target.dead_letters)
         tally = Tally()
         mapper = mapper or make_mapper(engine, target.workers, start=True)  # forks before any thread starts
-        ingest = Pipeline(MapStep(mapper, count_slice=tally.add_slice))
+        ingest = Pipeline(MapStep(mapper, tally))
         dispatcher = target.delivery.dispatcher(spool)
         failure: EngineError | OSError | None = None
         terminated = threading.Event()

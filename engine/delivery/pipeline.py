@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -41,23 +41,26 @@ DeadLetterSink = Callable[[Record, bytes], None]
 """Takes an encoded dead letter elsewhere than the spool (``consume``: the dead-letter topic)."""
 
 
-class MapStep:
-    """Maps slices of records and packs each outcome for the spool; ``count`` sees every one, and
-    ``count_slice`` the summary of every part :meth:`packs` maps."""
+class Counts(Protocol):
+    """What counts the outcomes (:class:`~engine.reports.summary.Tally`): one at a time, or a part's summary."""
 
-    def __init__(
-        self, mapper: Mapper, count: Callable[[Mapped], None] | None = None,
-        count_slice: Callable[[MappedSlice], None] | None = None,
-    ) -> None:
+    def add_mapped(self, mapped: Mapped) -> None: ...
+
+    def add_slice(self, mapped: MappedSlice) -> None: ...
+
+
+class MapStep:
+    """Maps slices of records and packs each outcome for the spool; ``tally`` counts every one."""
+
+    def __init__(self, mapper: Mapper, tally: Counts | None = None) -> None:
         self.mapper = mapper
-        self._count = count
-        self._count_slice = count_slice
+        self._tally = tally
 
     def packs(self, parts: Iterable[Sequence[Record | LineBlock]]) -> Iterator[PackedSlice]:
         """What each part became, packed where it was mapped (:meth:`Mapper.packs`), each counted."""
         for packed in self.mapper.packs(parts):
-            if self._count_slice:
-                self._count_slice(packed.summary)
+            if self._tally:
+                self._tally.add_slice(packed.summary)
             yield packed
 
     def map(self, records: Sequence[Record]) -> list[tuple[Record, Mapped]]:
@@ -66,8 +69,8 @@ class MapStep:
 
     def pack(self, chunk: Chunk, record: Record, mapped: Mapped, dead_letters: DeadLetterSink | None = None) -> None:
         """Count ``mapped``, then :func:`pack` it."""
-        if self._count:
-            self._count(mapped)
+        if self._tally:
+            self._tally.add_mapped(mapped)
         pack(chunk, record, mapped, dead_letters)
 
 
