@@ -8,8 +8,9 @@
   :class:`~engine.mapping.PackedSlice` s, counted and packed where mapping ran.
 * :class:`Pipeline` slices :class:`Source` s (files, standard input, dead-letter files) into chunks,
   each chunk carrying the checkpoint that acknowledges its records (a block of lines: the checkpoint
-  at its end): once the spool committed the chunk, a restarted run resumes after it. ``serve`` acknowledges a request by answering it once
-  its chunk is committed, ``consume`` by committing offsets once its inputs are settled.
+  at its end): once the spool committed the chunk, a restarted run resumes after it. ``serve``
+  acknowledges a request by answering it once its chunk is committed, ``consume`` by committing
+  offsets once its inputs are settled.
 * :class:`DeliveryTarget` is where and how the spool is drained: it builds the one
   :class:`~engine.delivery.dispatch.Dispatcher` of each front-end.
 """
