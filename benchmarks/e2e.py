@@ -38,15 +38,16 @@ from benchmarks.standin import start_standin  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.delivery.dead_letters import rejected_input  # noqa: E402
 from engine.delivery.dispatch import Dispatcher  # noqa: E402
+from engine.delivery.pipeline import Source  # noqa: E402
 from engine.delivery.spool import Chunk, Spool  # noqa: E402
 from engine.cli.main import _MapOutput  # noqa: E402
-from engine.ingest.files import read_blocks, read_records  # noqa: E402
+from engine.ingest.files import read_blocks, read_records, read_source  # noqa: E402
 from engine.limits import too_deep  # noqa: E402
 from engine.mapping import InProcessMapper  # noqa: E402
 from engine.record import decode  # noqa: E402
 from engine.reports.summary import Tally  # noqa: E402
 from engine.workers import (  # noqa: E402
-    SLICE, _from_wire, _map_slice, _parts, _start_worker, _summarize_part, _to_wire,
+    SLICE, _pack_part, _parts, _pieces, _start_worker, _summarize_part,
 )
 
 _MEASURED = (
@@ -161,7 +162,7 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
         gc.enable()
         return result
 
-    records = stage("run: read lines (undecoded)", "parent", lambda: list(_first(read_records([corpus], decoded=False), count)))
+    records = list(_first(read_records([corpus], decoded=False), count))
     stage("decode: JSON", "worker", lambda: [orjson.loads(r.raw) for r in records])
     stage("decode: depth check", "worker", lambda: [too_deep(r.raw) for r in records])
     decoded = [decode(r) for r in records]
@@ -169,14 +170,16 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     stage("encode events and dead letters", "worker", lambda: [
         ([orjson.dumps(e.event) for e in o.emitted], o.rejected and orjson.dumps(rejected_input(r, o)))
         for r, o in zip(decoded, outcomes)])
-    slices = [records[i:i + SLICE] for i in range(0, len(records), SLICE)]
-    sent = stage("run: slices to workers (pickle)", "parent", lambda: [pickle.dumps(_to_wire(s)) for s in slices])
-    answers = stage("run: slices in, map, answers out", "worker", lambda: [
-        pickle.dumps(_map_slice(pickle.loads(s))) for s in sent])
-    mapped = stage("run: answers back (unpickle)", "parent", lambda: [
-        m for a in answers for m in _from_wire(pickle.loads(a))])
     part = folder / "stages.ndjson"
     part.write_bytes(b"".join(r.raw + b"\n" for r in records))
+    name = str(part)
+    units = stage("run: read blocks with checkpoints", "parent", lambda: [
+        units for units, _, _ in Source(name, name, read_source(name, decoded=False, blocks=True)).parts()])
+    sent = stage("run: parts to workers (pickle)", "parent", lambda: [pickle.dumps(_pieces(u)) for u in units])
+    answers = stage("run: split, decode, map, pack, answer", "worker", lambda: [
+        pickle.dumps(_pack_part(pickle.loads(s))) for s in sent])
+    packed = stage("run: packed parts back (unpickle)", "parent", lambda: [pickle.loads(a) for a in answers])
+    chunks = stage("run: tally, chunk (per part)", "parent", lambda: _chunks(packed))
     blocks = stage("map: read blocks of lines", "parent", lambda: list(read_blocks([part])))
     sent = stage("map: blocks to workers (pickle)", "parent", lambda: [
         pickle.dumps(part) for part in _parts(iter(blocks), SLICE)])
@@ -186,7 +189,7 @@ def _stages(corpus: Path, folder: Path, url: str, count: int) -> list[tuple[str,
     stage("map: tally, batch, write (per slice)", "parent", lambda: _map_output(summaries))
     spool_path = folder / "stages.spool"
     with Spool(spool_path) as spool:
-        stage("spool commit (per slice)", "parent", lambda: _spool(spool, records, mapped))
+        stage("spool commit (per packed part)", "parent (dispatcher)", lambda: [spool.commit(c) for c in chunks])
         events = spool.unsent
         stage("spool read (chunks just committed)", "parent (dispatcher)", lambda: _read_all(spool))
     shutil.copy(spool_path, folder / "settled.spool")
@@ -222,12 +225,14 @@ def _map_output(summaries: list) -> int:
         return output.finish()
 
 
-def _spool(spool: Spool, records: list, mapped: list) -> None:
-    """Pack and commit the mapped records a slice at a time, as ``run``'s parent does."""
-    for start in range(0, len(records), SLICE):
-        chunk = Chunk()
-        chunk.add_slice(list(zip(records[start:start + SLICE], mapped[start:start + SLICE])))
-        spool.commit(chunk)
+def _chunks(packed: list) -> list[Chunk]:
+    """What ``run``'s pipeline makes of packed parts: the tally counts them, each becomes a chunk."""
+    tally = Tally()
+    chunks = []
+    for one in packed:
+        tally.add_slice(one.summary)
+        chunks.append(Chunk(encoded_dead_letters=one.summary.dead_letters, columns=one.columns))
+    return chunks
 
 
 def _read_all(spool: Spool) -> int:

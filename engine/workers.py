@@ -8,6 +8,8 @@ rejections and encoded dead letters. The parent keeps order: results come back s
 the order the slices went out. For ``map`` (:meth:`PoolMapper.summaries`) the parent sends blocks of
 whole lines as read and the workers split them too, and each slice comes back as one
 :class:`~engine.mapping.MappedSlice`: counts, dead letters, event bodies, not one value per event.
+For ``run`` (:meth:`PoolMapper.packs`) each part comes back as one :class:`~engine.mapping.PackedSlice`:
+that summary and the part's events packed as the spool stores them.
 
 A worker that dies (killed, out of memory) costs nothing: the pool is started again and every
 slice not yet answered is sent again, so no event is lost or mapped twice. A slice that kills a
@@ -32,7 +34,7 @@ from typing import Any, TypeVar
 import orjson
 
 from .engine import Engine
-from .mapping import InProcessMapper, Mapped, MappedEvent, MappedSlice, Mapper, summarize
+from .mapping import InProcessMapper, Mapped, MappedEvent, MappedSlice, Mapper, PackedSlice, pack_mapped, summarize
 from .ndjson import LineBlock, block_records
 from .outcome import Outcome, Rejection, rejected_input
 from .record import Record, decode
@@ -167,6 +169,19 @@ class PoolMapper:
         for _, summary in self._pooled(_parts(chain(first, source), self._slice), send, alone):
             yield summary
 
+    def packs(self, parts: Iterable[Sequence[Record | LineBlock]]) -> Iterator[PackedSlice]:
+        """Each part mapped and packed by a worker, a few parts out ahead of the one answered."""
+
+        def send(pieces: list[_Piece]) -> Future[PackedSlice]:
+            return self._submit(_pack_part, pieces)
+
+        def alone(pieces: list[_Piece]) -> PackedSlice:
+            records = list(_piece_records(pieces))
+            return pack_mapped(list(zip(records, _from_wire([self._map_alone(record) for record in records]))))
+
+        for _, packed in self._pooled(map(_pieces, parts), send, alone):
+            yield packed
+
     def _pooled_records(self, source: Iterator[Record], size: int) -> Iterator[tuple[Record, Mapped]]:
         parts = iter(lambda: list(islice(source, size)), [])
         for part, answer in self._pooled(parts, self._send_records, self._records_alone):
@@ -275,30 +290,37 @@ def _exit_with(parent: int) -> None:
 def _parts(units: Iterator[Record | LineBlock], size: int) -> Iterator[list[_Piece]]:
     """What goes to a worker at once: blocks of lines as they are and runs of records on the wire,
     together at least ``_PART_BYTES`` or ``size`` records (so the blocks of many small files share one)."""
-    part: list[_Piece] = []
-    records: list[Record] = []
+    part: list[Record | LineBlock] = []
     weight = count = 0
     for unit in units:
+        part.append(unit)
         if isinstance(unit, LineBlock):
-            if records:
-                part.append(_to_wire(records))
-                records = []
-            part.append(unit)
             weight += len(unit.data)
         else:
-            records.append(unit)
             weight += len(unit.raw)
             count += 1
         if weight >= _PART_BYTES or count >= size:
-            if records:
-                part.append(_to_wire(records))
-                records = []
-            yield part
+            yield _pieces(part)
             part, weight, count = [], 0, 0
-    if records:
-        part.append(_to_wire(records))
     if part:
-        yield part
+        yield _pieces(part)
+
+
+def _pieces(units: Sequence[Record | LineBlock]) -> list[_Piece]:
+    """A part as it goes to a worker: blocks of lines as they are, each run of records on the wire."""
+    pieces: list[_Piece] = []
+    records: list[Record] = []
+    for unit in units:
+        if isinstance(unit, LineBlock):
+            if records:
+                pieces.append(_to_wire(records))
+                records = []
+            pieces.append(unit)
+        else:
+            records.append(unit)
+    if records:
+        pieces.append(_to_wire(records))
+    return pieces
 
 
 def _piece_records(part: list[_Piece]) -> Iterator[Record]:
@@ -326,6 +348,11 @@ def _map_slice(wire: _Wire) -> list[_MappedWire]:
 def _summarize_part(part: list[_Piece], outcome_lines: bool) -> MappedSlice:
     assert _worker_mapper is not None
     return summarize(((record, _worker_mapper.map_one(record)) for record in _piece_records(part)), outcome_lines)
+
+
+def _pack_part(part: list[_Piece]) -> PackedSlice:
+    assert _worker_mapper is not None
+    return pack_mapped((record, _worker_mapper.map_one(record)) for record in _piece_records(part))
 
 
 def _to_mapped_wire(one: Mapped) -> _MappedWire:

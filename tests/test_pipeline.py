@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 import orjson
 
 from engine import Engine
@@ -18,7 +19,8 @@ from engine.reports.summary import Tally
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "events.ndjson"
 
 
-def test_a_source_goes_through_map_tally_spool_and_dispatch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocks", [False, True])
+def test_a_source_goes_through_map_tally_spool_and_dispatch(tmp_path: Path, blocks: bool) -> None:
     posted: list[dict[str, list[dict[str, object]]]] = []
 
     def topsort(request: httpx.Request) -> httpx.Response:
@@ -28,12 +30,12 @@ def test_a_source_goes_through_map_tally_spool_and_dispatch(tmp_path: Path) -> N
     events = tmp_path / "events.ndjson"
     events.write_bytes(EXAMPLES.read_bytes() + b"{not json\n")
     tally = Tally()
-    pipeline = Pipeline(MapStep(InProcessMapper(Engine.from_folders()), tally.add_mapped))
+    pipeline = Pipeline(MapStep(InProcessMapper(Engine.from_folders()), tally))
     target = DeliveryTarget("https://api.topsort.test", "sk_test_pipeline", max_latency=0.01)
     key = str(events)
     with Spool(tmp_path / "spool.db") as spool:
         dispatcher = target.dispatcher(spool, transport=httpx.MockTransport(topsort))
-        stats = deliver(dispatcher, pipeline.chunks([Source(key, key, read_source(key))]))
+        stats = deliver(dispatcher, pipeline.chunks([Source(key, key, read_source(key, decoded=not blocks, blocks=blocks))]))
 
         delivered = [event["id"] for body in posted for events in body.values() for event in events]
         assert stats.delivered == len(delivered) == sum(tally.emitted.values()) > 0

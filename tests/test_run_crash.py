@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import signal
@@ -214,3 +215,34 @@ def test_replay_sends_fixed_dead_letters(sandbox: Sandbox, tmp_path: Path) -> No
 
     # replaying the same, unchanged file again finds nothing new to read
     assert _count(runner.invoke(main, replay).output) == 0
+
+
+def test_run_with_two_workers_delivers_and_dead_letters_what_one_does(tmp_path: Path) -> None:
+    data, expected_ids, expected_dead = _segment_events(6_000)
+    lines = data.splitlines(keepends=True)
+    events = tmp_path / "events.ndjson"
+    events.write_bytes(b"".join(lines[:4_000]) + b"\n\n  \n" + b"".join(lines[4_000:]).rstrip(b"\n"))
+    zipped = tmp_path / "more.ndjson.gz"  # read record by record, not in blocks
+    zipped.write_bytes(gzip.compress(b"".join(lines[:700])))
+    env = {**os.environ, "TOPSORT_API_KEY": KEY, "PYTHONPATH": str(ROOT), "COLUMNS": "250"}
+    runs = []
+    for workers in (1, 2):
+        folder = tmp_path / f"w{workers}"
+        folder.mkdir()
+        with Sandbox(api_key=KEY) as sandbox:
+            command = [sys.executable, "-m", "engine", *_run_args(events, sandbox, folder), str(zipped),
+                       "--workers", str(workers)]
+            done = subprocess.run(command, cwd=folder, env=env, capture_output=True, timeout=300)
+            assert done.returncode == 0, done.stderr.decode()
+            stored = _stored(sandbox)
+        assert len(stored) == len(set(stored)) and set(stored) == expected_ids
+        letters = sorted(orjson.dumps({k: v for k, v in letter.items() if k != "at"}, option=orjson.OPT_SORT_KEYS)
+                         for letter in read_dead_letters(folder / "dead.ndjson"))  # settling orders deliver's in time
+        rows = [" ".join(row.replace("│", " ").split()) for row in done.stderr.decode().splitlines()
+                if not any(label in row for label in ("events/s", "requests", "──", "Dead letters:"))]
+        runs.append((sorted(stored), letters, rows))
+    assert runs[0] == runs[1]
+    letters = [orjson.loads(letter) for letter in runs[0][1]]
+    assert sorted((letter["stage"], letter["line"]) for letter in letters if letter["origin"] == str(events)) == sorted(
+        (stage, line + (line > 4_000) * 3) for stage, line in expected_dead)
+    assert "events read 6,701" in runs[0][2]  # 6 001 lines (one not JSON) and 700

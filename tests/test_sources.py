@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from engine.ingest.files import InputError, expand_sources, read_blocks, read_records, read_source
+from engine.limits import InputLimits
 
 from .conftest import ndjson, run_cli
 
@@ -161,19 +162,57 @@ def _blocks_and_records(sources: list[Path], **limits: Any) -> tuple[list, list]
     return found[0], found[1]
 
 
-@pytest.mark.parametrize("block", [64, 3000, 1 << 20])
-def test_blocks_of_lines_give_the_records_lines_give(tmp_path: Path, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.ingest import files
-
-    monkeypatch.setattr(files, "BLOCK", block)  # blocks cut inside lines, at lines, around many lines
+def _hostile_ndjson(folder: Path) -> tuple[Path, list[bytes]]:
+    """An NDJSON file of what a source may hold (batch lines, broken and over-long lines, blank runs,
+    CRLF ends, no final newline), and its lines."""
     event = b'{"type":"track","event":"Product Clicked","messageId":"m-%d","properties":{"n":"%s"}}'
     lines = [event % (number, b"x" * (number * 37 % 1500)) for number in range(200)]
     lines[3:3] = [b"", b"  \t", b"{not json", b"null", b"[" * 200 + b"]" * 200]
     lines[20:20] = [b'{"batch": [' + lines[0] + b"," + lines[1] + b"]}", b'{"\\u0062atch": [' + lines[2] + b"]}"]
     lines[50:50] = [b'{"type":"track","messageId":"long","n":"' + b"y" * 5000 + b'"}', b" " * 2500]
     lines[150:150] = [b""] * 3000 + [b"  "] * 5  # a long run of blank lines: the gzip reader skips it at once
-    plain = tmp_path / "plain.ndjson"
+    plain = folder / "plain.ndjson"
     plain.write_bytes(b"\r\n".join(lines[:100]) + b"\n" + b"\n".join(lines[100:]))  # no newline at the end
+    return plain, lines
+
+
+@pytest.mark.parametrize("block", [64, 3000, 1 << 20])
+@pytest.mark.parametrize("limit", [16 << 20, 1100])
+def test_blocks_read_with_checkpoints_resume_as_lines_do(
+    tmp_path: Path, block: int, limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.ingest import files
+    from engine.mapping import unit_records
+    from engine.record import decode
+
+    monkeypatch.setattr(files, "BLOCK", block)
+    plain, _ = _hostile_ndjson(tmp_path)
+    limits = InputLimits(max_line_bytes=limit)
+    by_line = list(read_source(str(plain), limits=limits))
+    checkpoints = {checkpoint.line: checkpoint for _, checkpoint in by_line if checkpoint}
+    units = list(read_source(str(plain), limits=limits, decoded=False, blocks=True))
+    assert len(units) > (2 if block < 1 << 20 else 0)
+    everything = [record for record, _ in by_line]
+    read = 0
+    for unit, checkpoint in units:
+        read += len(list(unit_records([unit])))
+        if checkpoint.line in checkpoints:  # the checkpoint reading line by line gives at that line
+            assert checkpoint == checkpoints[checkpoint.line]
+        # resumed from it, line by line or in blocks: the rest, nothing twice
+        rest = [record for record, _ in read_source(str(plain), checkpoint, limits=limits)]
+        assert everything[:read] + rest == everything
+        again = [decode(r) for r in unit_records(u for u, _ in read_source(
+            str(plain), checkpoint, limits=limits, decoded=False, blocks=True))]
+        assert again == rest
+    assert read == len(everything) and units[-1][1] == by_line[-1][1]
+
+
+@pytest.mark.parametrize("block", [64, 3000, 1 << 20])
+def test_blocks_of_lines_give_the_records_lines_give(tmp_path: Path, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.ingest import files
+
+    monkeypatch.setattr(files, "BLOCK", block)  # blocks cut inside lines, at lines, around many lines
+    plain, lines = _hostile_ndjson(tmp_path)
     zipped = tmp_path / "zipped.ndjson.gz"
     zipped.write_bytes(gzip.compress(plain.read_bytes()))
     cut = tmp_path / "cut.ndjson.gz"

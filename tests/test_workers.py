@@ -25,7 +25,8 @@ from engine.ndjson import LineBlock
 from engine.outcome import KINDS
 from engine import workers
 from engine.topsort.batching import Batcher
-from engine.workers import SLICE, PoolMapper, _map_slice, _summarize_part, make_mapper
+from engine.delivery.pipeline import Source
+from engine.workers import SLICE, PoolMapper, _map_slice, _pack_part, _summarize_part, make_mapper
 
 from .conftest import run_cli
 
@@ -193,8 +194,8 @@ def test_a_worker_that_dies_loses_and_doubles_nothing(tmp_path: Path, monkeypatc
     assert got == _same_time(expected, got)
 
 
-def _dying_summary(part: Any, outcome_lines: bool) -> Any:
-    """``_summarize_part`` in a worker that dies on a part holding the mark: the first time only, or
+def _die_on_the_mark(part: Any) -> None:
+    """End this worker (as kill -9 would) on a part holding the mark: the first time only, or
     (``SEGMENT_TOPSORT_TEST_FLAG`` unset) every time (mapping the mark's record alone does not die)."""
     flag = os.environ.get("SEGMENT_TOPSORT_TEST_FLAG")
     marked = any(_DIE_ONCE in (piece.data if isinstance(piece, LineBlock) else piece[0]) for piece in part)
@@ -202,7 +203,54 @@ def _dying_summary(part: Any, outcome_lines: bool) -> Any:
         if flag:
             Path(flag).touch()
         os._exit(1)
+
+
+def _dying_summary(part: Any, outcome_lines: bool) -> Any:
+    """``_summarize_part`` in a worker that dies on the mark (:func:`_die_on_the_mark`)."""
+    _die_on_the_mark(part)
     return _summarize_part(part, outcome_lines)
+
+
+def _dying_pack(part: Any) -> Any:
+    """``_pack_part`` in a worker that dies on the mark (:func:`_die_on_the_mark`)."""
+    _die_on_the_mark(part)
+    return _pack_part(part)
+
+
+def _comparable(packs: Any) -> list[tuple]:
+    """Packed parts, their dead letters without the time they were written."""
+    return [(packed.columns, packed.summary._replace(dead_letters=_without_time(b"\n".join(packed.summary.dead_letters))))
+            for packed in packs]
+
+
+@pytest.mark.parametrize("dies", ["never", "once", "always"])
+def test_workers_pack_each_part_as_it_is_packed_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies: str) -> None:
+    corpus = _marked(tmp_path)
+    zipped = tmp_path / "mix.ndjson.gz"  # read record by record
+    zipped.write_bytes(gzip.compress(corpus.read_bytes()[:200_000]))
+    monkeypatch.setattr(files, "BLOCK", 64 << 10)
+
+    def parts() -> Any:
+        for name in (str(corpus), str(zipped)):
+            yield from (units for units, _, _ in Source(name, name, files.read_source(name, decoded=False, blocks=True)).parts())
+
+    engine = Engine.from_folders()
+    expected = _comparable(InProcessMapper(engine).packs(parts()))
+    if dies == "once":
+        monkeypatch.setenv("SEGMENT_TOPSORT_TEST_FLAG", str(tmp_path / "died"))
+    elif dies == "always":
+        monkeypatch.delenv("SEGMENT_TOPSORT_TEST_FLAG", raising=False)
+    monkeypatch.setattr(workers, "_pack_part", _dying_pack if dies != "never" else workers._pack_part)
+    pool = PoolMapper(engine, 2)
+    try:
+        got = _comparable(pool.packs(parts()))
+    finally:
+        pool.close()
+    assert got == expected and len(expected) > 6
+    assert sum(sum(summary.verdicts.values()) for _, summary in got) == len(list(read_records([corpus, zipped])))
+    assert sum(columns[3] for columns, _ in got) > 4 * SLICE and any(summary.dead_letters for _, summary in got)
+    # once: the part is sent again; always: it is mapped event by event (parts in flight with it may die too)
+    assert pool.restarts == {"never": 0, "once": 1}[dies] if dies != "always" else pool.restarts >= 2
 
 
 def _lines_of(summaries: Any) -> list[bytes]:

@@ -71,6 +71,7 @@ from ..ingest.files import (
 )
 from ..delivery.spool import Spool
 from ..mapping import Mapper
+from ..ndjson import decode_line
 from ..workers import make_mapper
 from ..reports.summary import Tally
 
@@ -211,7 +212,7 @@ def _deliver(title: str, engine: Engine, target: _Target, inputs: _Inputs, mappe
         exported = spool.export_dead_letters(target.dead_letters)
         tally = Tally()
         mapper = mapper or make_mapper(engine, target.workers, start=True)  # forks before any thread starts
-        ingest = Pipeline(MapStep(mapper, tally.add_mapped))
+        ingest = Pipeline(MapStep(mapper, tally))
         dispatcher = target.delivery.dispatcher(spool)
         failure: EngineError | OSError | None = None
         terminated = threading.Event()
@@ -262,10 +263,11 @@ def _on_sigterm(handler: Any) -> Any:
 
 def _open_input(name: str, spool: Spool, limits: InputLimits, on_fault: OnFault) -> Source:
     if name == STDIN:
-        return Source(name, None, read_source(name, limits=limits, on_fault=on_fault, decoded=False), _stdin_at_hand, None)
+        records = read_source(name, limits=limits, on_fault=on_fault, decoded=False)
+        return Source(name, None, records, _stdin_at_hand, None, steady=False)
     key = str(Path(name).resolve())
     start = spool.checkpoint(key)
-    records = read_source(name, start, limits=limits, on_fault=on_fault, decoded=False)
+    records = read_source(name, start, limits=limits, on_fault=on_fault, decoded=False, blocks=True)
     return Source(name, key, records, lambda: True, _todo(name, start))
 
 

@@ -1,14 +1,16 @@
 """The one pipeline every delivering front-end uses: records → map → tally → dead letters → spool.
 
-* :class:`MapStep` is the per-record step: a slice of records goes through a
+* :class:`MapStep` is the map step: a slice of records goes through a
   :class:`~engine.mapping.Mapper`, each :class:`~engine.mapping.Mapped` is counted and packed into a
-  spool :class:`~engine.delivery.spool.Chunk` (its encoded events and its dead letter). ``run``,
-  ``replay`` and ``consume`` map and pack through it; ``serve``, which maps request by request,
-  packs through the same :func:`pack`.
+  spool :class:`~engine.delivery.spool.Chunk` (its encoded events and its dead letter). ``consume``
+  maps and packs through it; ``serve``, which maps request by request, packs through the same
+  :func:`pack`. For :class:`Pipeline` it maps whole parts of input (records, blocks of lines) into
+  :class:`~engine.mapping.PackedSlice` s, counted and packed where mapping ran.
 * :class:`Pipeline` slices :class:`Source` s (files, standard input, dead-letter files) into chunks,
-  each chunk carrying the checkpoint that acknowledges its records: once the spool committed the
-  chunk, a restarted run resumes after it. ``serve`` acknowledges a request by answering it once
-  its chunk is committed, ``consume`` by committing offsets once its inputs are settled.
+  each chunk carrying the checkpoint that acknowledges its records (a block of lines: the checkpoint
+  at its end): once the spool committed the chunk, a restarted run resumes after it. ``serve``
+  acknowledges a request by answering it once its chunk is committed, ``consume`` by committing
+  offsets once its inputs are settled.
 * :class:`DeliveryTarget` is where and how the spool is drained: it builds the one
   :class:`~engine.delivery.dispatch.Dispatcher` of each front-end.
 """
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
-from ..mapping import Mapped, Mapper
+from ..mapping import Mapped, MappedSlice, Mapper, PackedSlice
+from ..ndjson import LineBlock
 from ..record import Checkpoint, Record
 from .dispatch import DeliveryStats, Dispatcher
 from .retry import RetryPolicy
@@ -38,28 +42,36 @@ DeadLetterSink = Callable[[Record, bytes], None]
 """Takes an encoded dead letter elsewhere than the spool (``consume``: the dead-letter topic)."""
 
 
-class MapStep:
-    """Maps slices of records and packs each outcome for the spool; ``count`` sees every one."""
+class Counts(Protocol):
+    """What counts the outcomes (:class:`~engine.reports.summary.Tally`): one at a time, or a part's summary."""
 
-    def __init__(self, mapper: Mapper, count: Callable[[Mapped], None] | None = None) -> None:
+    def add_mapped(self, mapped: Mapped) -> None: ...
+
+    def add_slice(self, mapped: MappedSlice) -> None: ...
+
+
+class MapStep:
+    """Maps slices of records and packs each outcome for the spool; ``tally`` counts every one."""
+
+    def __init__(self, mapper: Mapper, tally: Counts | None = None) -> None:
         self.mapper = mapper
-        self._count = count
+        self._tally = tally
+
+    def packs(self, parts: Iterable[Sequence[Record | LineBlock]]) -> Iterator[PackedSlice]:
+        """What each part became, packed where it was mapped (:meth:`Mapper.packs`), each counted."""
+        for packed in self.mapper.packs(parts):
+            if self._tally:
+                self._tally.add_slice(packed.summary)
+            yield packed
 
     def map(self, records: Sequence[Record]) -> list[tuple[Record, Mapped]]:
         """Each record with what it became, in order."""
         return list(zip(records, self.mapper.map(records), strict=True))
 
-    def pack_slice(self, chunk: Chunk, pairs: Sequence[tuple[Record, Mapped]]) -> None:
-        """Count each outcome of a slice, then add them all to ``chunk`` (dead letters included)."""
-        if self._count:
-            for _, mapped in pairs:
-                self._count(mapped)
-        chunk.add_slice(pairs)
-
     def pack(self, chunk: Chunk, record: Record, mapped: Mapped, dead_letters: DeadLetterSink | None = None) -> None:
         """Count ``mapped``, then :func:`pack` it."""
-        if self._count:
-            self._count(mapped)
+        if self._tally:
+            self._tally.add_mapped(mapped)
         pack(chunk, record, mapped, dead_letters)
 
 
@@ -80,10 +92,34 @@ class Source:
 
     origin: str
     key: str | None
-    records: Iterator[tuple[Record, Checkpoint | None]]
+    records: Iterator[tuple[Record | LineBlock, Checkpoint | None]]
+    """Records or blocks of lines, each with the checkpoint reached after it (None: none yet)."""
     at_hand: Callable[[], bool] = lambda: True
     todo: int | None = None
     """Bytes left to read, when known."""
+    steady: bool = True
+    """Read ahead of mapping (a file); False for a stream that may pause (each part mapped and
+    committed before the next is read, so none waits for input that has not come)."""
+
+    def parts(self) -> Iterator[tuple[list[Record | LineBlock], Checkpoint | None, int]]:
+        """Parts of up to ``CHUNK_RECORDS`` records or one block of lines (sooner after
+        ``CHUNK_SECONDS``, or when no more is at hand), each with the checkpoint reached and its bytes."""
+        units: list[Record | LineBlock] = []
+        checkpoint: Checkpoint | None = None
+        count = size = 0
+        started = time.monotonic()
+        for unit, reached in self.records:
+            units.append(unit)
+            checkpoint = reached or checkpoint
+            if isinstance(unit, LineBlock):
+                count, size = count + CHUNK_RECORDS, size + len(unit.data)
+            else:
+                count, size = count + 1, size + len(unit.raw) + 1
+            if count >= CHUNK_RECORDS or time.monotonic() - started >= CHUNK_SECONDS or not self.at_hand():
+                yield units, checkpoint, size
+                units, count, size, started = [], 0, 0, time.monotonic()
+        if units:
+            yield units, checkpoint, size
 
 
 class Pipeline:
@@ -105,27 +141,29 @@ class Pipeline:
         sizes = [source.todo for source in sources]
         self.todo = None if None in sizes else sum(size or 0 for size in sizes)
         for source in sources:
-            records: list[Record] = []
-            checkpoint: Checkpoint | None = None
-            started = time.monotonic()
-            for record, reached in source.records:
-                records.append(record)
-                checkpoint = reached or checkpoint
-                if (len(records) >= CHUNK_RECORDS or time.monotonic() - started >= CHUNK_SECONDS
-                        or not source.at_hand()):
-                    yield self._chunk(source, records, checkpoint)
-                    records, started = [], time.monotonic()
-            if records:
-                yield self._chunk(source, records, checkpoint)
+            for (checkpoint, size), packed in self._packed(source):
+                chunk = Chunk(encoded_dead_letters=packed.summary.dead_letters, columns=packed.columns)
+                self.bytes += size
+                self.read += sum(packed.summary.verdicts.values())
+                if source.key and checkpoint:
+                    chunk.checkpoint(source.key, checkpoint)
+                yield chunk
 
-    def _chunk(self, source: Source, records: list[Record], checkpoint: Checkpoint | None) -> Chunk:
-        chunk = Chunk()
-        self.step.pack_slice(chunk, self.step.map(records))
-        self.bytes += sum(len(record.raw) for record in records) + len(records)
-        self.read += len(records)
-        if source.key and checkpoint:
-            chunk.checkpoint(source.key, checkpoint)
-        return chunk
+    def _packed(self, source: Source) -> Iterator[tuple[tuple[Checkpoint | None, int], PackedSlice]]:
+        """Each part of ``source`` (its checkpoint and bytes) with what it became, in order."""
+        if not source.steady:
+            for units, checkpoint, size in source.parts():
+                yield (checkpoint, size), next(self.step.packs([units]))
+            return
+        ahead: deque[tuple[Checkpoint | None, int]] = deque()
+
+        def parts() -> Iterator[list[Record | LineBlock]]:
+            for units, checkpoint, size in source.parts():
+                ahead.append((checkpoint, size))
+                yield units
+
+        for packed in self.step.packs(parts()):
+            yield ahead.popleft(), packed
 
 
 def deliver(dispatcher: Dispatcher, chunks: Iterable[Chunk], tick: Callable[[], None] | None = None) -> DeliveryStats:

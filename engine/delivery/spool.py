@@ -40,6 +40,7 @@ import orjson
 
 from .dead_letters import DeadLetterFile, now, undelivered_input
 from ..errors import SpoolError
+from ..mapping import Columns, pack_columns
 from ..outcome import Kind
 
 from ..record import Checkpoint, Record
@@ -121,6 +122,8 @@ class Chunk:
     encoded: list[tuple[Record, Sequence[MappedEvent]]] = field(default_factory=list)
     """Inputs with their events already encoded (:meth:`add_mapped`)."""
     encoded_dead_letters: list[bytes] = field(default_factory=list)
+    columns: Columns | None = None
+    """Events already packed where they were mapped (:func:`~engine.mapping.pack_columns`), instead of ``encoded``."""
 
     def add_mapped(self, record: Record, mapped: Mapped, *, dead_letter: bool = True) -> None:
         """Spool what ``record`` became, as the map stage encoded it: its events, and its dead
@@ -129,11 +132,6 @@ class Chunk:
             self.encoded_dead_letters.append(mapped.dead_letter)
         if mapped.events:
             self.encoded.append((record, mapped.events))
-
-    def add_slice(self, pairs: Sequence[tuple[Record, Mapped]]) -> None:
-        """:meth:`add_mapped` for each record of a slice, with its dead letter, at a fraction of the cost."""
-        self.encoded_dead_letters += [m.dead_letter for _, m in pairs if m.dead_letter is not None]
-        self.encoded += [(record, m.events) for record, m in pairs if m.events]
 
     def checkpoint(self, source: str, checkpoint: Checkpoint) -> None:
         """Record how far ``source`` has been read."""
@@ -171,7 +169,7 @@ class Spool:
         self.path = Path(path)
         self._on_settled = on_settled
         self._open: dict[int, _Open] = {}
-        self._fresh: dict[int, _Packed] = {}
+        self._fresh: dict[int, Columns] = {}
         """Chunks committed by this process and not read yet, as they were packed (no need to read them back)."""
         self._fresh_events = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,9 +216,10 @@ class Spool:
 
     def commit(self, chunk: Chunk) -> None:
         """Store a chunk: its events, its dead letters and its checkpoints, all or nothing."""
-        packed, columns = _pack(chunk.encoded)
+        columns = chunk.columns if chunk.columns is not None else pack_columns(chunk.encoded)
+        count = columns[3]
         with self._transaction():
-            if packed:
+            if count:
                 row = self._db.execute(
                     "INSERT INTO chunks (inputs, events, bodies, count, raws) VALUES (?, ?, ?, ?, ?)", columns
                 ).lastrowid
@@ -234,12 +233,12 @@ class Spool:
             )
             if chunk.seen:
                 self._db.executemany("INSERT OR REPLACE INTO seen_messages VALUES (?, ?)", chunk.seen)
-        if packed:
+        if count:
             self._last = row
-            self.unsent += len(packed.events)
+            self.unsent += count
             if self._fresh_events < _FRESH_EVENTS:
-                self._fresh[row] = packed
-                self._fresh_events += len(packed.events)
+                self._fresh[row] = columns
+                self._fresh_events += count
 
     # -- delivery -------------------------------------------------------------------------------
 
@@ -252,8 +251,12 @@ class Spool:
             if row is None:
                 break
             (chunk,) = row
-            packed = self._fresh.pop(chunk, None) or self._read(chunk)
-            self._fresh_events -= len(packed.events) if packed.fresh else 0
+            columns = self._fresh.pop(chunk, None)
+            if columns is None:
+                packed = self._read(chunk)
+            else:
+                packed = _unpacked(columns[0], columns[1], columns[2], fresh=True)
+                self._fresh_events -= columns[3]
             done = (self._open.get(chunk) or self._opened(chunk, packed.inputs, packed.events, packed.fresh)).settled
             for index, ((input_index, kind, rule, event_id, _), body) in enumerate(zip(packed.events, packed.bodies)):
                 if index not in done:
@@ -264,10 +267,7 @@ class Spool:
         """A chunk row as committed (its events, bodies cut apart; not its raw lines)."""
         inputs, events, bodies = self._db.execute(
             "SELECT inputs, events, bodies FROM chunks WHERE id = ?", (chunk,)).fetchone()
-        meta = orjson.loads(events)
-        ends = itertools.accumulate(event[4] for event in meta)
-        starts = itertools.chain((0,), itertools.accumulate(event[4] for event in meta))
-        return _Packed(orjson.loads(inputs), meta, [bodies[start:end] for start, end in zip(starts, ends)], fresh=False)
+        return _unpacked(inputs, events, bodies, fresh=False)
 
     def settle(
         self, delivered: Sequence[Spooled], failed: Sequence[tuple[Spooled, dict[str, Any]]]
@@ -463,8 +463,8 @@ class Spool:
             for start in range(0, len(inputs), _MIGRATED_INPUTS):
                 part = inputs[start:start + _MIGRATED_INPUTS]
                 olds = [events[input_id] for input_id, *_ in part]
-                _, columns = _pack([(Record(origin, line, bytes(raw)), [e[:4] for e in old])
-                                    for (_, origin, line, raw), old in zip(part, olds)])
+                columns = pack_columns([(Record(origin, line, bytes(raw)), [e[:4] for e in old])
+                                        for (_, origin, line, raw), old in zip(part, olds)])
                 failed = [(number, index, why) for index, (number, why) in enumerate(
                     (number, e[4]) for number, old in enumerate(olds) for e in old) if why is not None]
                 chunk = self._db.execute(
@@ -481,32 +481,20 @@ class Spool:
 
 class _Packed(NamedTuple):
     """A chunk as stored: ``inputs`` ``[origin, line, length of raw]``, ``events`` ``[input index, kind,
-    rule, id, length of body]``, their ``bodies``; ``fresh``: packed here, not read back."""
+    rule, id, length of body]``, their ``bodies``; ``fresh``: committed by this process, not read back."""
 
     inputs: list[Any]
     events: list[Any]
     bodies: list[bytes]
-    fresh: bool = True
+    fresh: bool
 
 
-_Columns = tuple[bytes, bytes, bytes, int, bytes]
-"""A ``chunks`` row: inputs, events, bodies, count, raws."""
-
-
-def _pack(encoded: Sequence[tuple[Record, Sequence[tuple[str, str, str, bytes]]]]) -> tuple[_Packed | None, _Columns]:
-    """``encoded`` (inputs with their events: kind, rule, id, body) packed as one chunk row (None when no
-    input emitted anything), and its columns."""
-    if not encoded:
-        return None, (b"", b"", b"", 0, b"")
-    inputs, raws, events, bodies = [], [], [], []
-    for number, (record, emitted) in enumerate(encoded):
-        inputs.append((record.origin, record.line, len(record.raw)))
-        raws.append(record.raw)
-        for kind, rule, event_id, body in emitted:
-            events.append((number, kind, rule, event_id, len(body)))
-            bodies.append(body)
-    columns = (orjson.dumps(inputs), orjson.dumps(events), b"".join(bodies), len(events), b"".join(raws))
-    return _Packed(inputs, events, bodies), columns
+def _unpacked(inputs: bytes, events: bytes, bodies: bytes, *, fresh: bool) -> _Packed:
+    """The columns of a chunk (:data:`~engine.mapping.Columns`) as lists, its bodies cut apart."""
+    meta = orjson.loads(events)
+    ends = itertools.accumulate(event[4] for event in meta)
+    starts = itertools.chain((0,), itertools.accumulate(event[4] for event in meta))
+    return _Packed(orjson.loads(inputs), meta, [bodies[start:end] for start, end in zip(starts, ends)], fresh)
 
 
 def _settled(state: _Open, indexes: list[int], whys: dict[int, bytes]) -> tuple[_Open, list[int]]:

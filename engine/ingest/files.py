@@ -113,8 +113,8 @@ def read_blocks(
 
 def read_source(
     name: str, start: Checkpoint | None = None, *, limits: InputLimits = DEFAULT_LIMITS,
-    on_fault: OnFault | None = None, decoded: bool = True,
-) -> Iterator[tuple[Record, Checkpoint | None]]:
+    on_fault: OnFault | None = None, decoded: bool = True, blocks: bool = False,
+) -> Iterator[tuple[Record | LineBlock, Checkpoint | None]]:
     """The records of one file (or stdin) with the checkpoint reached after each.
 
     With ``start`` (a checkpoint of an earlier read of the same file), reading resumes after it,
@@ -128,6 +128,11 @@ def read_source(
     With ``decoded=False``, an NDJSON line that cannot be a batch body (no ``batch`` and no
     ``\\u`` escape in it) is left undecoded (see :class:`~engine.record.Record`), for the map stage
     to decode, perhaps in a worker process; batch lines are still expanded here, event by event.
+
+    With ``blocks`` (and ``decoded=False``), the NDJSON lines of a plain file come in
+    :class:`~engine.ndjson.LineBlock` values of about ``BLOCK`` bytes, as :func:`read_blocks` reads
+    them, each with the checkpoint reached at its end (the one the line-by-line read gives at that
+    line); a gzipped file, a JSON document and stdin come record by record as without it.
     """
     at = _Cursor()
     try:
@@ -141,7 +146,8 @@ def read_source(
             head = stream.read(_HEAD)
             stream.seek(0)
             same = start is not None and head.startswith(start.head) and start.offset <= _size(name, stream)
-            yield from _read(name, stream, head, start if same else None, limits, at, compressed, decoded)
+            blocked = blocks and not decoded and compressed is None
+            yield from _read(name, stream, head, start if same else None, limits, at, compressed, decoded, blocked)
     except (OSError, EOFError, zlib.error, SourceRefused) as exc:
         _fault(name, exc, at, on_fault)
 
@@ -227,8 +233,8 @@ def _open(name: str) -> Iterator[tuple[BinaryIO, BinaryIO | None]]:
 
 def _read(
     origin: str, stream: BinaryIO, head: bytes, start: Checkpoint | None, limits: InputLimits, at: _Cursor,
-    compressed: BinaryIO | None, decoded: bool = True,
-) -> Iterator[tuple[Record, Checkpoint | None]]:
+    compressed: BinaryIO | None, decoded: bool = True, blocks: bool = False,
+) -> Iterator[tuple[Record | LineBlock, Checkpoint | None]]:
     """A JSON document when the source parses as one, else NDJSON, line by line.
 
     Only a source that opens an array, or whose first line is not a whole JSON value (a
@@ -243,6 +249,10 @@ def _read(
         at.line = start.line
     elif (document := _document_records(origin, reader, head, start)) is not None:
         yield from document
+        return
+    if blocks:
+        for unit in reader.blocks(at, BLOCK):
+            yield unit, _checkpoint(origin, reader.offset, at.line, head[: reader.offset])
         return
     yield from _ndjson(origin, reader, head, at, decoded)
 
@@ -332,26 +342,40 @@ class _Lines:
     def blocks(self, at: _Cursor, size: int) -> Iterator[LineBlock | Record]:
         """The rest of a plain stream as blocks of whole lines (the last one perhaps without its
         newline); a line longer than the limit that no block could hold whole comes as its
-        record (:func:`~engine.ndjson.too_long`), the rest of it skipped. ``at.line`` counts the
-        lines handed out."""
+        record (:func:`~engine.ndjson.too_long`), the rest of it skipped. When each is handed out,
+        ``at.line`` counts the lines handed out and ``offset`` is where they end."""
         pending, self._ahead, self._at = self._ahead[self._at:], b"", 0
         while True:
             chunk = self._stream.read(size)
             data = pending + chunk if pending else chunk
+            first = at.line + 1
             if not chunk:
                 if data:
-                    yield LineBlock(self._origin, at.line + 1, data, self.max_line_bytes)
                     at.line += data.count(b"\n") + (not data.endswith(b"\n"))
+                    self.offset += len(data)
+                    yield LineBlock(self._origin, first, data, self.max_line_bytes)
                 return
             cut = data.rfind(b"\n") + 1
             pending = data[cut:]
             if cut:
-                yield LineBlock(self._origin, at.line + 1, data[:cut], self.max_line_bytes)
                 at.line += data.count(b"\n", 0, cut)
+                self.offset += cut
+                yield LineBlock(self._origin, first, data[:cut], self.max_line_bytes)
             if len(pending) > self.max_line_bytes:  # a line too long, its end not read yet
                 at.line += 1
-                yield too_long(self._origin, at.line, pending, self.max_line_bytes)
+                record = too_long(self._origin, at.line, pending, self.max_line_bytes)
+                self.offset += len(pending)
                 pending = self._after_newline(size)
+                yield record
+
+    def _after_newline(self, size: int) -> bytes:
+        """Skip to the end of the line being read (counted in ``offset``); what follows it in the last chunk read."""
+        while chunk := self._stream.read(size):
+            if (end := chunk.find(b"\n")) >= 0:
+                self.offset += end + 1
+                return chunk[end + 1:]
+            self.offset += len(chunk)
+        return b""
 
     def joined(self, at: _Cursor, size: int) -> Iterator[LineBlock | Record]:
         """The rest of the stream read line by line (as :meth:`__iter__` reads it: the gzip ratio
@@ -383,13 +407,6 @@ class _Lines:
             raise
         if parts:
             yield LineBlock(self._origin, first, b"".join(parts), self.max_line_bytes)
-
-    def _after_newline(self, size: int) -> bytes:
-        """Skip to the end of the line being read; what follows it in the last chunk read."""
-        while chunk := self._stream.read(size):
-            if (end := chunk.find(b"\n")) >= 0:
-                return chunk[end + 1:]
-        return b""
 
     def _readline(self, size: int) -> bytes:
         if self._at == len(self._ahead):

@@ -149,7 +149,7 @@ class KafkaWorker:
         self.topic = topic
         self.dead_letter_topic = dead_letter_topic
         self.tally = Tally()
-        self._step = MapStep(mapper, self.tally.add_mapped)
+        self._step = MapStep(mapper, self.tally)
         self.dead_lettered = 0
         self._count_lock = threading.Lock()
         self._consumer = consumer_type(consumer_settings(settings, group, self._on_commit))
