@@ -71,7 +71,6 @@ from ..ingest.files import (
 )
 from ..delivery.spool import Spool
 from ..mapping import Mapper
-from ..ndjson import decode_line
 from ..workers import make_mapper
 from ..reports.summary import Tally
 
