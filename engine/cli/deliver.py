@@ -28,7 +28,6 @@ from typing import Any
 import click
 import orjson
 from click.core import ParameterSource
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     Progress,
@@ -39,6 +38,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .options import (
+    stderr,
     EXIT_INPUT_SKIPPED,
     api_key_file_option,
     api_key_or_exit,
@@ -84,8 +84,6 @@ _NO_TARGET = (
     " key (TOPSORT_API_KEY or --api-key-file); to see what would be sent without sending anything"
     " use `segment-topsort map`, or deliver to a local stand-in started with `segment-topsort sandbox`."
 )
-
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,6 @@ from typing import Any
 
 import click
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from rich.console import Console
 
 from ..delivery.pipeline import DeliveryTarget
 from ..delivery.retry import RetryPolicy
@@ -32,13 +31,12 @@ from ..ingest.kafka.worker import KafkaWorker
 from ..reports.summary import Tally
 from ..workers import make_mapper
 from .options import (
+    stderr,
     EXIT_INPUT_SKIPPED, api_key_file_option, api_key_or_exit, delivery_tuning, endpoint_option, endpoint_or_exit,
     engine_or_exit, report_fault, rules_option, workers_option,
 )
 
 _FLUSH_SECONDS = 30.0
-
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _kafka_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,6 +18,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ..topsort.batching import Batcher, encoded_body
 from .options import (
+    stderr,
     EXIT_INPUT_SKIPPED, input_limits, limits_from, report_fault, rule_folders, rules_option, workers_option,
 )
 from ..delivery.dead_letters import DeadLetterFile
@@ -34,7 +35,6 @@ from ..rules.inline_tests import run_rule_tests
 from ..ingest.files import expand_sources, read_blocks
 from ..reports.summary import Tally
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class _LazyGroup(click.Group):
     """Commands whose modules (HTTP servers, Kafka, delivery) are imported only when named,

@@ -23,6 +23,9 @@ from ..workers import usable_cores
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+"""Where the commands speak to the user: progress, summaries, warnings and errors."""
+
 
 class RulesFolder(click.ParamType):
     """A rules folder or file, or ``REF:PATH`` read from git for as long as the command runs."""
