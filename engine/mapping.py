@@ -132,26 +132,36 @@ def pack_columns(encoded: Iterable[tuple[Record, Iterable[tuple[str, str, str, b
 
 
 class PackedSlice(NamedTuple):
-    """What a part of ``run``'s input became, ready for the tally and the spool: its summary (no bodies)
-    and its events packed as a spool chunk (its dead letters are the summary's)."""
+    """What a part of ``run``'s or ``consume``'s input became, ready for the tally and the spool: its
+    summary (no bodies) and its events packed as a spool chunk (its dead letters are the summary's)."""
 
     summary: MappedSlice
     columns: Columns
+    marks: bytes
+    """One byte per record, in order: :data:`EMITTED` if it emitted events, plus :data:`DEAD_LETTERED`
+    if it has a dead letter (the summary's dead letters are those records', in order)."""
+
+
+EMITTED, DEAD_LETTERED = 1, 2
+"""The bits of :attr:`PackedSlice.marks` (what a Kafka message's offset waits for: ``consume``)."""
 
 
 def pack_mapped(mapped: Iterable[tuple[Record, Mapped]]) -> PackedSlice:
     """Sum up and pack what the records of a part became, as they come: a record's decoded event is not
     kept past its turn (a part's worth of decoded events held at once costs a worker ≈ 3 µs per event)."""
     emitted: list[tuple[Record, tuple[MappedEvent, ...]]] = []
+    marks = bytearray()
 
     def noted() -> Iterator[tuple[Record, Mapped]]:
         for record, one in mapped:
             if one.events:
                 emitted.append((Record(record.origin, record.line, record.raw), one.events))
+            marks.append((EMITTED if one.events else 0)
+                         | (DEAD_LETTERED if one.rejected and one.dead_letter is not None else 0))
             yield record, one
 
     summary = summarize(noted(), bodies=False)
-    return PackedSlice(summary, pack_columns(emitted))
+    return PackedSlice(summary, pack_columns(emitted), bytes(marks))
 
 
 def outcome_line(record: Record, mapped: Mapped) -> dict[str, Any]:
@@ -173,6 +183,9 @@ def unit_records(units: Iterable[Record | LineBlock]) -> Iterator[Record]:
 class Mapper(Protocol):
     """Maps slices of input; ``map`` returns one :class:`Mapped` per record, in order."""
 
+    workers: int
+    """Processes mapping at once (a caller splits what it maps at once into at least as many parts)."""
+
     def map(self, records: Sequence[Record]) -> list[Mapped]: ...
 
     def stream(self, records: Iterable[Record]) -> Iterator[tuple[Record, Mapped]]:
@@ -192,6 +205,8 @@ class Mapper(Protocol):
 
 class InProcessMapper:
     """The map stage in this process: :meth:`Engine.process_record` and encoding, record by record."""
+
+    workers = 1
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

@@ -20,7 +20,7 @@ from engine import Engine
 from engine.ingest import files
 from engine.ingest.files import read_blocks, read_records
 from engine.limits import InputLimits
-from engine.mapping import InProcessMapper, summarize
+from engine.mapping import DEAD_LETTERED, EMITTED, InProcessMapper, summarize
 from engine.ndjson import LineBlock
 from engine.outcome import KINDS
 from engine import workers
@@ -219,8 +219,8 @@ def _dying_pack(part: Any) -> Any:
 
 def _comparable(packs: Any) -> list[tuple]:
     """Packed parts, their dead letters without the time they were written."""
-    return [(packed.columns, packed.summary._replace(dead_letters=_without_time(b"\n".join(packed.summary.dead_letters))))
-            for packed in packs]
+    return [(packed.columns, packed.summary._replace(dead_letters=_without_time(b"\n".join(packed.summary.dead_letters))),
+             packed.marks) for packed in packs]
 
 
 @pytest.mark.parametrize("dies", ["never", "once", "always"])
@@ -247,8 +247,12 @@ def test_workers_pack_each_part_as_it_is_packed_here(tmp_path: Path, monkeypatch
     finally:
         pool.close()
     assert got == expected and len(expected) > 6
-    assert sum(sum(summary.verdicts.values()) for _, summary in got) == len(list(read_records([corpus, zipped])))
-    assert sum(columns[3] for columns, _ in got) > 4 * SLICE and any(summary.dead_letters for _, summary in got)
+    assert sum(sum(summary.verdicts.values()) for _, summary, _ in got) == len(list(read_records([corpus, zipped])))
+    assert sum(columns[3] for columns, _, _ in got) > 4 * SLICE and any(summary.dead_letters for _, summary, _ in got)
+    for columns, summary, marks in got:  # a mark per record: which emitted (packed as inputs), which were dead-lettered
+        assert len(marks) == sum(summary.verdicts.values())
+        assert sum(mark & EMITTED for mark in marks) == len(orjson.loads(columns[0]))
+        assert sum(mark & DEAD_LETTERED for mark in marks) // DEAD_LETTERED == len(summary.dead_letters)
     # once: the part is sent again; always: it is mapped event by event (parts in flight with it may die too)
     assert pool.restarts == {"never": 0, "once": 1}[dies] if dies != "always" else pool.restarts >= 2
 

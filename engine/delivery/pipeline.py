@@ -1,11 +1,10 @@
 """The one pipeline every delivering front-end uses: records → map → tally → dead letters → spool.
 
-* :class:`MapStep` is the map step: a slice of records goes through a
-  :class:`~engine.mapping.Mapper`, each :class:`~engine.mapping.Mapped` is counted and packed into a
-  spool :class:`~engine.delivery.spool.Chunk` (its encoded events and its dead letter). ``consume``
-  maps and packs through it; ``serve``, which maps request by request, packs through the same
-  :func:`pack`. For :class:`Pipeline` it maps whole parts of input (records, blocks of lines) into
-  :class:`~engine.mapping.PackedSlice` s, counted and packed where mapping ran.
+* :class:`MapStep` is the map step: it maps whole parts of input (records, blocks of lines) into
+  :class:`~engine.mapping.PackedSlice` s, counted and packed where mapping ran (:class:`Pipeline`
+  and ``consume``); ``serve``, which maps request by request, gets each record's
+  :class:`~engine.mapping.Mapped` and packs it into a spool :class:`~engine.delivery.spool.Chunk`
+  with :func:`pack` (its encoded events and its dead letter).
 * :class:`Pipeline` slices :class:`Source` s (files, standard input, dead-letter files) into chunks,
   each chunk carrying the checkpoint that acknowledges its records (a block of lines: the checkpoint
   at its end): once the spool committed the chunk, a restarted run resumes after it. ``serve``
@@ -38,20 +37,14 @@ CHUNK_RECORDS = 500
 CHUNK_SECONDS = 0.05
 """Longest time an input event waits before its chunk is committed."""
 
-DeadLetterSink = Callable[[Record, bytes], None]
-"""Takes an encoded dead letter elsewhere than the spool (``consume``: the dead-letter topic)."""
-
-
 class Counts(Protocol):
-    """What counts the outcomes (:class:`~engine.reports.summary.Tally`): one at a time, or a part's summary."""
-
-    def add_mapped(self, mapped: Mapped) -> None: ...
+    """What counts the outcomes (:class:`~engine.reports.summary.Tally`): a part's summary at a time."""
 
     def add_slice(self, mapped: MappedSlice) -> None: ...
 
 
 class MapStep:
-    """Maps slices of records and packs each outcome for the spool; ``tally`` counts every one."""
+    """Maps parts of input, packed for the spool where they are mapped; ``tally`` counts every outcome."""
 
     def __init__(self, mapper: Mapper, tally: Counts | None = None) -> None:
         self.mapper = mapper
@@ -68,19 +61,10 @@ class MapStep:
         """Each record with what it became, in order."""
         return list(zip(records, self.mapper.map(records), strict=True))
 
-    def pack(self, chunk: Chunk, record: Record, mapped: Mapped, dead_letters: DeadLetterSink | None = None) -> None:
-        """Count ``mapped``, then :func:`pack` it."""
-        if self._tally:
-            self._tally.add_mapped(mapped)
-        pack(chunk, record, mapped, dead_letters)
 
-
-def pack(chunk: Chunk, record: Record, mapped: Mapped, dead_letters: DeadLetterSink | None = None) -> None:
-    """Add what ``record`` became to ``chunk``: its events, and its dead letter (or hand that to
-    ``dead_letters``)."""
-    if dead_letters is not None and mapped.dead_letter is not None:
-        dead_letters(record, mapped.dead_letter)
-    chunk.add_mapped(record, mapped, dead_letter=dead_letters is None)
+def pack(chunk: Chunk, record: Record, mapped: Mapped) -> None:
+    """Add what ``record`` became to ``chunk``: its events and its dead letter."""
+    chunk.add_mapped(record, mapped)
 
 
 @dataclass(slots=True)

@@ -125,10 +125,9 @@ class Chunk:
     columns: Columns | None = None
     """Events already packed where they were mapped (:func:`~engine.mapping.pack_columns`), instead of ``encoded``."""
 
-    def add_mapped(self, record: Record, mapped: Mapped, *, dead_letter: bool = True) -> None:
-        """Spool what ``record`` became, as the map stage encoded it: its events, and its dead
-        letter unless ``dead_letter`` is False (a caller that sends dead letters elsewhere)."""
-        if dead_letter and mapped.dead_letter is not None:
+    def add_mapped(self, record: Record, mapped: Mapped) -> None:
+        """Spool what ``record`` became, as the map stage encoded it: its events and its dead letter."""
+        if mapped.dead_letter is not None:
             self.encoded_dead_letters.append(mapped.dead_letter)
         if mapped.events:
             self.encoded.append((record, mapped.events))

@@ -29,8 +29,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from rich.console import Console
 
 from ...delivery.dispatch import Dispatcher
-from ...delivery.pipeline import DeadLetterSink, MapStep, deliver
-from ...mapping import Mapper
+from ...delivery.pipeline import MapStep, deliver
+from ...mapping import DEAD_LETTERED, EMITTED, Mapper
 from ...record import Record
 from ...errors import DeadLetterTopicError
 from .settings import consumer_settings, message_key, produce, producer_settings
@@ -42,11 +42,13 @@ HEADER_PREFIX = "segment-topsort-"
 
 _BATCH = 500
 """Messages taken from the consumer at a time (one spool chunk at most)."""
+_MIN_PART = 64
+"""The fewest messages mapped as one part (by one worker)."""
 _POLL_SECONDS = 0.2
 _COMMIT_EVERY = 1.0
 """Seconds between two commits while running (and on revocation and at the end)."""
 _AHEAD = 4
-"""Chunks mapped ahead of delivery before the consumer pauses its partitions."""
+"""Batches of messages mapped ahead of delivery before the consumer pauses its partitions."""
 _FLUSH_SECONDS = 30.0
 _CLOSE_SECONDS = 30.0
 _END = object()
@@ -92,6 +94,10 @@ class Offsets:
             for partition in partitions:
                 for table in (self._open, self._next, self._committed):
                     table.pop(partition, None)
+
+    def assigned(self, partition: Partition) -> bool:
+        with self._lock:
+            return partition in self._open
 
     def read(self, partition: Partition, offset: int, holds: int) -> bool:
         """Note a message read; False if its partition is not (or no longer) assigned."""
@@ -207,9 +213,9 @@ class KafkaWorker:
                     paused = False
                 messages = consumer.consume(_BATCH, _POLL_SECONDS)
                 if reading:
-                    chunk = self._map(messages)
-                    if chunk.encoded:
-                        self._handover.put(chunk)
+                    chunks = self._map(messages)
+                    if chunks:
+                        self._handover.put(chunks)
                 elif not ended:
                     self._handover.put(_END)
                     ended = True
@@ -222,7 +228,12 @@ class KafkaWorker:
             self._commit(asynchronous=False)
             consumer.close()
 
-    def _map(self, messages: list[Message]) -> Chunk:
+    def _map(self, messages: list[Message]) -> list[Chunk]:
+        """The spool chunks of what ``messages`` became (one per part mapped), their offsets noted and
+        their dead letters on their way to the topic.
+
+        Only this thread polls the consumer, and partitions are assigned and revoked only while it
+        polls: a message of a partition still assigned here stays so until the next poll."""
         records, positions = [], []
         for message in messages:
             if (error := message.error()) is not None:
@@ -232,15 +243,24 @@ class KafkaWorker:
                     stderr.print(f"[yellow]Kafka: {error.str()}[/]")
                 continue
             partition, offset = Partition(message.topic(), message.partition()), message.offset()
+            if not self._offsets.assigned(partition):
+                continue  # revoked in that poll: its new owner reads it
             records.append(Record(partition.name, offset, message.value() or b""))  # decoded by the mapper
             positions.append((partition, offset))
-        chunk = Chunk()
-        for (partition, offset), (record, mapped) in zip(positions, self._step.map(records), strict=True):
-            if not self._offsets.read(partition, offset, bool(mapped.events) + bool(mapped.rejected)):
-                continue  # revoked meanwhile: its new owner reads it
-            self._step.pack(chunk, record, mapped, self._dead_letter_sink(partition, offset))
+        chunks, start = [], 0
+        for packed in self._step.packs(_parts(records, self._step.mapper.workers)):
+            part = positions[start:start + len(packed.marks)]
+            start += len(packed.marks)
+            for (partition, offset), mark in zip(part, packed.marks, strict=True):  # before any is released
+                self._offsets.read(partition, offset, (mark & EMITTED) + (mark & DEAD_LETTERED) // DEAD_LETTERED)
+            letters = iter(packed.summary.dead_letters)
+            for position, mark in zip(part, packed.marks):
+                if mark & DEAD_LETTERED:
+                    self._send_dead_letter(next(letters), *position)
+            if packed.columns[3]:
+                chunks.append(Chunk(columns=packed.columns))
         self._producer.poll(0)
-        return chunk
+        return chunks
 
     def _commit(self, partitions: Sequence[Partition] | None = None, *, asynchronous: bool) -> None:
         """Commit the done positions (on the consumer thread only)."""
@@ -281,7 +301,7 @@ class KafkaWorker:
         while (item := self._handover.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            yield from item
 
     def _on_settled(self, inputs: list[tuple[str | None, int | None]]) -> None:
         """Spool hook: these inputs left the spool (their dead letters, if any, are in it)."""
@@ -321,12 +341,9 @@ class KafkaWorker:
         with self._count_lock:
             self.dead_lettered += dead_letters
 
-    def _dead_letter_sink(self, partition: Partition, offset: int) -> DeadLetterSink:
-        """Where the map or decode dead letter of the message at ``offset`` goes: to the topic; its
-        offset is released once the topic has it."""
-        return lambda _record, letter: self._send_dead_letter(orjson.loads(letter), partition, offset)
-
-    def _send_dead_letter(self, record: dict[str, Any], partition: Partition, offset: int) -> None:
+    def _send_dead_letter(self, letter: bytes, partition: Partition, offset: int) -> None:
+        """Produce the map or decode dead letter (encoded) of the message at ``offset``; its offset is
+        released once the topic has it."""
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
             if error is None:
@@ -336,14 +353,15 @@ class KafkaWorker:
                 stderr.print(f"[red]Dead letter of {partition.name}@{offset} not written:"
                              f" {error.str()}; its offset stays uncommitted[/]")
 
-        self._produce_dead_letter(record, on_delivery=delivered)
+        self._produce_dead_letter(letter, orjson.loads(letter), on_delivery=delivered)
 
     def _send_dead_letters(self, records: list[dict[str, Any]]) -> None:
         """Produce ``deliver`` dead letters from the spool and wait until the topic has them all."""
         failures: list[KafkaError] = []
         for record in records:
             self._produce_dead_letter(
-                record, on_delivery=lambda error, _m: failures.append(error) if error is not None else None
+                orjson.dumps(record), record,
+                on_delivery=lambda error, _m: failures.append(error) if error is not None else None,
             )
         left = self._producer.flush(_FLUSH_SECONDS)
         if failures or left:
@@ -353,7 +371,8 @@ class KafkaWorker:
                 " kept in the spool and written again"
             )
 
-    def _produce_dead_letter(self, record: dict[str, Any], **extra: Any) -> None:
+    def _produce_dead_letter(self, letter: bytes, record: dict[str, Any], **extra: Any) -> None:
+        """Produce ``letter``, the encoding of ``record`` (whose fields make its key and headers)."""
         reason = "; ".join(f"{r.get('path')}: {r.get('reason')}" for r in record["rejected"])
         headers = [
             (HEADER_PREFIX + "stage", record["stage"]),
@@ -362,7 +381,13 @@ class KafkaWorker:
             (HEADER_PREFIX + "offset", str(record.get("line"))),
         ]
         key = message_key(record.get("event"))
-        produce(self._producer, self.dead_letter_topic, orjson.dumps(record), key, headers=headers, **extra)
+        produce(self._producer, self.dead_letter_topic, letter, key, headers=headers, **extra)
+
+
+def _parts(records: list[Record], workers: int) -> list[list[Record]]:
+    """``records`` shared out into one part per worker (of at least ``_MIN_PART``), mapped at once."""
+    size = max(_MIN_PART, -(-len(records) // workers))
+    return [records[start:start + size] for start in range(0, len(records), size)]
 
 
 def _names(partitions: list[TopicPartition]) -> str:
