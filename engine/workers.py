@@ -163,8 +163,7 @@ class PoolMapper:
             return self._submit(_summarize_part, part, outcome_lines)
 
         def alone(part: list[_Piece]) -> MappedSlice:
-            records = list(_piece_records(part))
-            return summarize(zip(records, _from_wire([self._map_alone(record) for record in records])), outcome_lines)
+            return summarize(self._pairs_alone(part), outcome_lines)
 
         for _, summary in self._pooled(_parts(chain(first, source), self._slice), send, alone):
             yield summary
@@ -176,8 +175,7 @@ class PoolMapper:
             return self._submit(_pack_part, pieces)
 
         def alone(pieces: list[_Piece]) -> PackedSlice:
-            records = list(_piece_records(pieces))
-            return pack_mapped(list(zip(records, _from_wire([self._map_alone(record) for record in records]))))
+            return pack_mapped(self._pairs_alone(pieces))
 
         for _, packed in self._pooled(map(_pieces, parts), send, alone):
             yield packed
@@ -243,6 +241,11 @@ class PoolMapper:
 
     def _send_records(self, part: list[Record]) -> Future[list[_MappedWire]]:
         return self._submit(_map_slice, _to_wire(part))
+
+    def _pairs_alone(self, part: list[_Piece]) -> list[tuple[Record, Mapped]]:
+        """Each record of a part that kills workers, mapped one at a time (see :meth:`_map_alone`)."""
+        records = list(_piece_records(part))
+        return list(zip(records, _from_wire([self._map_alone(record) for record in records])))
 
     def _records_alone(self, part: list[Record]) -> list[_MappedWire]:
         return [self._map_alone(record) for record in part]
@@ -345,14 +348,18 @@ def _map_slice(wire: _Wire) -> list[_MappedWire]:
     return [_to_mapped_wire(_worker_mapper.map_one(record)) for record in _wire_records(wire)]
 
 
-def _summarize_part(part: list[_Piece], outcome_lines: bool) -> MappedSlice:
+def _mapped_pieces(part: list[_Piece]) -> Iterator[tuple[Record, Mapped]]:
+    """Each record of a part with what this worker made of it, one at a time."""
     assert _worker_mapper is not None
-    return summarize(((record, _worker_mapper.map_one(record)) for record in _piece_records(part)), outcome_lines)
+    return ((record, _worker_mapper.map_one(record)) for record in _piece_records(part))
+
+
+def _summarize_part(part: list[_Piece], outcome_lines: bool) -> MappedSlice:
+    return summarize(_mapped_pieces(part), outcome_lines)
 
 
 def _pack_part(part: list[_Piece]) -> PackedSlice:
-    assert _worker_mapper is not None
-    return pack_mapped((record, _worker_mapper.map_one(record)) for record in _piece_records(part))
+    return pack_mapped(_mapped_pieces(part))
 
 
 def _to_mapped_wire(one: Mapped) -> _MappedWire:

@@ -4,7 +4,7 @@
   :class:`~engine.mapping.PackedSlice` s, counted and packed where mapping ran (:class:`Pipeline`
   and ``consume``); ``serve``, which maps request by request, gets each record's
   :class:`~engine.mapping.Mapped` and packs it into a spool :class:`~engine.delivery.spool.Chunk`
-  with :func:`pack` (its encoded events and its dead letter).
+  with :meth:`~engine.delivery.spool.Chunk.add_mapped` (its encoded events and its dead letter).
 * :class:`Pipeline` slices :class:`Source` s (files, standard input, dead-letter files) into chunks,
   each chunk carrying the checkpoint that acknowledges its records (a block of lines: the checkpoint
   at its end): once the spool committed the chunk, a restarted run resumes after it. ``serve``
@@ -60,11 +60,6 @@ class MapStep:
     def map(self, records: Sequence[Record]) -> list[tuple[Record, Mapped]]:
         """Each record with what it became, in order."""
         return list(zip(records, self.mapper.map(records), strict=True))
-
-
-def pack(chunk: Chunk, record: Record, mapped: Mapped) -> None:
-    """Add what ``record`` became to ``chunk``: its events and its dead letter."""
-    chunk.add_mapped(record, mapped)
 
 
 @dataclass(slots=True)

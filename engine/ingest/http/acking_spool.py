@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ContentError, ServeError
-from ...delivery.pipeline import pack
 from ...mapping import Mapped
 from .dedupe import SeenIds
 from .metrics import Causes, Metrics
@@ -172,7 +171,7 @@ def _merged(submissions: Sequence[Submission], seen: SeenIds) -> tuple[Chunk, li
                     continue
                 taken.add(message_id)
                 chunk.seen.append((message_id, now))
-            pack(chunk, entry.record, entry.mapped)  # counted once answered, without the duplicates
+            chunk.add_mapped(entry.record, entry.mapped)  # counted once answered, without the duplicates
             if entry.mapped.events:
                 arrivals.append(submission.received)
         dropped.append(gone)
