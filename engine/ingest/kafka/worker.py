@@ -252,7 +252,7 @@ class KafkaWorker:
             part = positions[start:start + len(packed.marks)]
             start += len(packed.marks)
             for (partition, offset), mark in zip(part, packed.marks, strict=True):  # before any is released
-                self._offsets.read(partition, offset, (mark & EMITTED) + (mark & DEAD_LETTERED) // DEAD_LETTERED)
+                self._offsets.read(partition, offset, bool(mark & EMITTED) + bool(mark & DEAD_LETTERED))
             letters = iter(packed.summary.dead_letters)
             for position, mark in zip(part, packed.marks):
                 if mark & DEAD_LETTERED:
